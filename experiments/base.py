@@ -1,0 +1,84 @@
+"""Base config: every field dictlearn's trainer reads, each with a one-line comment.
+
+Experiments import this module, call `get_config()` and override what they change.
+The library never invents a default: a field missing here is an error there.
+
+    python -m dictlearn.train --config experiments/base.py --workdir /tmp/dl_base
+"""
+import ml_collections
+
+
+def get_config(arg=None):
+  """Returns the base config (locked). `arg` is unused here."""
+  del arg
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # master seed: parameters, data order and sampling all derive from it
+
+  # ---- data ----------------------------------------------------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.store = ''  # activation store path or kvstore URL; '' = generate synthetic data in workdir/data
+  c.data.d_model = -1  # expected activation width; -1 = take it from the store's manifest
+  c.data.normalize = True  # scale rows so that the mean squared norm is d_model (factor kept with the run)
+  c.data.shuffle_window_chunks = 16  # chunks mixed in one shuffle window (bigger = better mixing, more memory)
+  c.data.prefetch = 4  # batches read ahead on a background thread
+  c.data.heldout_tokens = 8192  # rows at the end of the store kept out of training, used for evaluation
+  c.data.synthetic = ml_collections.ConfigDict()
+  c.data.synthetic.n_true = 512  # true dictionary directions (features in superposition)
+  c.data.synthetic.d_model = 64  # activation width
+  c.data.synthetic.n_tokens = 262144  # rows generated
+  c.data.synthetic.mean_active = 8.0  # mean number of true features active per row
+  c.data.synthetic.power_law_exponent = 0.5  # firing frequency of feature i ~ (i + 1) ** -exponent
+  c.data.synthetic.noise_std = 0.0  # std of isotropic Gaussian noise added to every row
+  c.data.synthetic.seed = 1234  # seed of the true dictionary and the coefficients
+
+  # ---- SAE -----------------------------------------------------------------
+  c.sae = ml_collections.ConfigDict()
+  c.sae.architecture = 'topk'  # one of relu_l1, topk, batchtopk, jumprelu
+  c.sae.n_latents = 4096  # dictionary size
+  c.sae.k = 32  # active latents per token (topk, batchtopk: k * batch across the batch)
+  c.sae.aux_k = 256  # dead latents used by the AuxK loss (topk, batchtopk); 0 disables it
+  c.sae.aux_k_coefficient = 1.0 / 32  # weight of the AuxK loss (OpenAI: 1/32)
+  c.sae.dead_tokens_threshold = 10_000_000  # a latent unfired for this many tokens counts as dead
+  c.sae.dense_threshold = 0.1  # a latent firing on more than this fraction of tokens counts as dense
+  c.sae.sparsity_coefficient = 5.0  # final L1 (relu_l1) or L0 (jumprelu) penalty coefficient
+  c.sae.sparsity_warmup_fraction = 0.05  # fraction of training over which the penalty rises linearly from 0
+  c.sae.jumprelu_threshold_init = 0.001  # initial JumpReLU threshold
+  c.sae.jumprelu_bandwidth = 0.001  # width of the rectangle kernel of the threshold pseudo-derivative
+  c.sae.batchtopk_threshold_momentum = 0.99  # EMA momentum of the inference threshold learned by batchtopk
+  c.sae.decoder_init_norm = 0.1  # initial decoder row norm (relu_l1, jumprelu); topk/batchtopk use unit rows
+  c.sae.encoder_block_size = 0  # latents per encoder block with a running top-k merge; 0 = one block
+  c.sae.sparse_capacity = 0  # relu/jumprelu: non-zeros per token followed sparsely; 0 = dense decode
+  c.sae.dtype = 'float32'  # compute dtype of the SAE forward pass
+  c.sae.param_dtype = 'float32'  # storage dtype of the parameters
+
+  # ---- optimisation --------------------------------------------------------
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 4e-4  # peak Adam learning rate
+  c.optim.warmup_steps = 100  # linear learning-rate warmup from 0
+  c.optim.decay = 'linear'  # decay after warmup: linear, cosine or constant
+  c.optim.decay_start_fraction = 0.8  # fraction of training after which the learning rate decays (linear, cosine)
+  c.optim.final_lr_fraction = 0.0  # learning rate at the end, as a fraction of the peak
+  c.optim.b1 = 0.9  # Adam beta1
+  c.optim.b2 = 0.999  # Adam beta2
+  c.optim.eps = 1e-8  # Adam epsilon
+  c.optim.grad_clip_norm = 1.0  # global gradient-norm clip; 0 disables it
+  c.optim.state_dtype = 'float32'  # dtype of Adam's moments (bfloat16 halves optimizer memory)
+
+  # ---- training loop -------------------------------------------------------
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 4096  # global tokens per step
+  c.train.num_steps = 2000  # optimisation steps
+  c.train.log_every = 50  # steps between metric records
+  c.train.checkpoint_every = 500  # steps between checkpoints
+  c.train.keep_checkpoints = 3  # checkpoints kept (older ones deleted)
+  c.train.eval_batches = 4  # held-out batches evaluated at the end of training (0 = skip)
+  c.train.init_from = ''  # checkpoint directory to start from when the workdir has none
+
+  # ---- sharding ------------------------------------------------------------
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1, 1)  # ('data', 'model') mesh shape; -1 takes the remaining devices
+  c.mesh.axis_names = ('data', 'model')  # mesh axis names
+  c.mesh.logical_axis_rules = (('batch', 'data'), ('latent', 'model'), ('embed', None))  # logical -> mesh axis
+
+  c.lock()
+  return c
