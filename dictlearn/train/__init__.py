@@ -1,0 +1,1 @@
+"""Training: `train_and_evaluate(config, workdir)` and its parts."""

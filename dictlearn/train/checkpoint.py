@@ -1,0 +1,129 @@
+"""orbax checkpoints of the whole train state, with the config and run facts beside it.
+
+Layout: `workdir/checkpoints/<step>/{state, config, run}`:
+    state   the whole train state (params, buffers, opt_state, step, rng, stats)
+    config  the ConfigDict the run was started with, as JSON
+    run     facts derived at start that a resume must reuse, as JSON (data_scale,
+            d_model, store path)
+
+Order on start (`train_and_evaluate`): the latest checkpoint in the workdir; else
+`config.train.init_from` (a checkpoint directory of another run: its state is
+the starting point, its step kept); else a fresh state. The restore target is the
+abstract state of *this* run with *this* mesh's shardings, so a checkpoint saved on
+one mesh shape restores onto another.
+"""
+import logging
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from dictlearn.train import state as state_lib
+
+
+def _abs(path: str) -> str:
+  return path if '://' in path else os.path.abspath(path)
+
+
+def checkpoint_dir(workdir: str) -> str:
+  """Where a run keeps its checkpoints."""
+  return os.path.join(_abs(workdir), 'checkpoints')
+
+
+def make_manager(directory: str, *, keep: int = 3, read_only: bool = False,
+                 async_save: bool = True) -> ocp.CheckpointManager:
+  """An orbax CheckpointManager over `directory` (keep-N retention, async saves)."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=not read_only, read_only=read_only,
+      enable_async_checkpointing=async_save)
+  return ocp.CheckpointManager(_abs(directory), options=options,
+                               item_names=('state', 'config', 'run'))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: dict, config_dict: dict,
+         run_info: dict) -> None:
+  """Starts an (async) save of the whole state plus config and run facts at `step`."""
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      config=ocp.args.JsonSave(config_dict),
+      run=ocp.args.JsonSave(run_info)), force=True)
+
+
+def latest_step(directory: str) -> int | None:
+  """The latest complete checkpoint step under `directory`, or None."""
+  if not os.path.isdir(_abs(directory)) and '://' not in directory:
+    return None
+  manager = make_manager(directory, read_only=True)
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: dict,
+            shardings: dict) -> tuple[dict, dict, dict]:
+  """Restores (state, config_dict, run_info) at `step` onto the given shardings."""
+  target = state_lib.abstract_with_shardings(abstract_state, shardings)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target),
+      config=ocp.args.JsonRestore(),
+      run=ocp.args.JsonRestore()))
+  logging.info('restored checkpoint step %d from %s', step, manager.directory)
+  return restored['state'], restored['config'], restored['run']
+
+
+def read_metadata(directory: str, step: int | None = None) -> tuple[int, dict, dict]:
+  """Reads (step, config_dict, run_info) of a checkpoint without its arrays.
+
+  Raises:
+    FileNotFoundError: no checkpoint (at that step) under `directory`.
+  """
+  manager = make_manager(directory, read_only=True)
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise FileNotFoundError(f'no checkpoint under {directory}')
+    if step is None:
+      step = max(steps)
+    elif step not in steps:
+      raise FileNotFoundError(f'no checkpoint at step {step} under {directory}; '
+                              f'steps present: {sorted(steps)}')
+    restored = manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore(), run=ocp.args.JsonRestore()))
+    return step, restored['config'], restored['run']
+  finally:
+    manager.close()
+
+
+def restore_arrays(directory: str, step: int | None = None) -> tuple[int, dict]:
+  """Restores a checkpoint's state as it was saved (single host, no target).
+
+  For tools that read any checkpoint without rebuilding its run.
+  """
+  manager = make_manager(directory, read_only=True)
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint under {directory}')
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return step, jax.tree.map(lambda x: x, restored['state'])
+  finally:
+    manager.close()
+
+
+def saved_shardings(directory: str, step: int) -> dict:
+  """Parameter name -> the sharding it was saved with (mesh shape and partition spec)."""
+  manager = make_manager(directory, read_only=True)
+  try:
+    tree = manager.item_metadata(step)['state'].tree
+  finally:
+    manager.close()
+  out = {}
+  for name, meta in tree['params'].items():
+    sharding = meta.sharding
+    if hasattr(sharding, 'partition_spec'):
+      mesh = dict(zip(sharding.axis_names, [int(s) for s in sharding.shape]))
+      out[name] = f'mesh {mesh} spec {tuple(sharding.partition_spec)}'
+    else:
+      out[name] = str(sharding)
+  return out

@@ -1,0 +1,315 @@
+"""train_and_evaluate: the loop around one pure, jitted, sharded train step.
+
+    state, metrics = train_step(state, batch)
+
+The step takes the whole state (params, optimizer, step, rng, latent statistics)
+and one global batch, and returns the next state; it is jitted once with explicit
+in/out shardings and the state donated. Data position is a function of the step,
+so resuming is restoring the state and replaying the loader from its step.
+"""
+import functools
+import logging
+import math
+import os
+import signal
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from dictlearn import evals
+from dictlearn import sharding as sharding_lib
+from dictlearn.data import loader as loader_lib
+from dictlearn.data import store as store_lib
+from dictlearn.data import synthetic
+from dictlearn.sae import make_sae
+from dictlearn.sae.base import SparseAutoencoder
+from dictlearn.train import checkpoint as ckpt_lib
+from dictlearn.train import metrics as metrics_lib
+from dictlearn.train import schedules
+from dictlearn.train import state as state_lib
+
+
+class NonFiniteError(FloatingPointError):
+  """A training metric became NaN or infinite."""
+
+
+# ---------------------------------------------------------------------------
+# The step
+# ---------------------------------------------------------------------------
+
+def dead_after_steps(config: ml_collections.ConfigDict) -> int:
+  """Steps without firing after which a latent counts as dead."""
+  return max(1, math.ceil(config.sae.dead_tokens_threshold / config.train.batch_size))
+
+
+def update_latent_stats(stats: dict, fired: jax.Array, step: jax.Array, tokens: int,
+                        log_every: int) -> dict:
+  """Steps since each latent last fired, and firing counts over the log window."""
+  new_window = (step % log_every) == 0
+  fire_count = jnp.where(new_window, 0.0, stats['fire_count']) + fired
+  window_tokens = jnp.where(new_window, 0.0, stats['window_tokens']) + tokens
+  steps_since_fired = jnp.where(fired > 0, 0, stats['steps_since_fired'] + 1)
+  return dict(stats, fire_count=fire_count, window_tokens=window_tokens,
+              steps_since_fired=steps_since_fired)
+
+
+def make_train_step(sae: SparseAutoencoder, tx: optax.GradientTransformation,
+                    config: ml_collections.ConfigDict):
+  """Returns the pure `train_step(state, batch) -> (state, metrics)`."""
+  num_steps = config.train.num_steps
+  lr_schedule = schedules.learning_rate_schedule(config.optim, num_steps)
+  sparsity = schedules.sparsity_schedule(config.sae, num_steps)
+  dead_steps = dead_after_steps(config)
+  dense_threshold = config.sae.dense_threshold
+  log_every = config.train.log_every
+
+  def train_step(state, batch):
+    step = state['step']
+    params, stats = state['params'], state['stats']
+    coefficient = sparsity(step)
+    dead_mask = stats['steps_since_fired'] >= dead_steps
+
+    def loss_fn(p):
+      out = sae.forward(p, state['buffers'], batch, sparsity_coefficient=coefficient,
+                        dead_mask=dead_mask)
+      return out.loss, out
+
+    (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    grads = sae.process_grads(params, grads)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state['opt_state'], params)
+    params = sae.process_params(optax.apply_updates(params, updates))
+
+    stats = update_latent_stats(stats, out.fired, step, batch.shape[0], log_every)
+    frequency = stats['fire_count'] / stats['window_tokens']
+    metrics = dict(out.metrics, loss=loss, grad_norm=grad_norm,
+                   learning_rate=lr_schedule(step), sparsity_coefficient=coefficient,
+                   dead_fraction=jnp.mean(stats['steps_since_fired'] >= dead_steps),
+                   dense_fraction=jnp.mean(frequency > dense_threshold))
+    # Remember the first step at which a metric went non-finite, and which ones,
+    # so the host can stop with a precise message at its next look.
+    names = sorted(metrics)
+    bad = jnp.stack([~jnp.all(jnp.isfinite(metrics[n])) for n in names])
+    first = (stats['nonfinite_step'] < 0) & jnp.any(bad)
+    stats['nonfinite_step'] = jnp.where(first, step, stats['nonfinite_step'])
+    stats['nonfinite_mask'] = jnp.where(
+        first, jnp.sum(bad.astype(jnp.int32) << jnp.arange(len(names), dtype=jnp.int32)),
+        stats['nonfinite_mask'])
+    new_state = dict(state, params=params, opt_state=opt_state, step=step + 1, stats=stats)
+    return new_state, metrics
+
+  return train_step
+
+
+def metric_names(sae: SparseAutoencoder, tx, config, abstract_state, batch_shape) -> list[str]:
+  """The sorted metric names the step returns (the order of the non-finite mask)."""
+  step = make_train_step(sae, tx, config)
+  batch = jax.ShapeDtypeStruct(batch_shape, jnp.float32)
+  return sorted(jax.eval_shape(step, abstract_state, batch)[1])
+
+
+# ---------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------
+
+def resolve_store(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The store to train on: the configured one, or synthetic data made in the workdir."""
+  if config.data.store:
+    return config.data.store
+  path = os.path.join(os.path.abspath(workdir), 'data')
+  s = config.data.synthetic
+  logging.info('synthetic data (%d true features in %d dims, %d rows) at %s',
+               s.n_true, s.d_model, s.n_tokens, path)
+  # Idempotent: a finished store with these parameters is kept as it is.
+  synthetic.write_synthetic_store(
+      path, n_true=s.n_true, d_model=s.d_model, n_tokens=s.n_tokens,
+      mean_active=s.mean_active, power_law_exponent=s.power_law_exponent,
+      noise_std=s.noise_std, seed=s.seed)
+  return path
+
+
+def sample_train_rows(reader: store_lib.StoreReader, heldout_tokens: int, n: int, seed: int,
+                      scale: float):
+  """A seeded random sample of training rows, normalised (for data-dependent init)."""
+  n_train = reader.n_rows - heldout_tokens
+  rng = np.random.default_rng(seed)
+  rows = np.sort(rng.choice(n_train, size=min(n, n_train), replace=False))
+  return reader.read_indices(rows).astype(np.float32) * scale
+
+
+def check_batch(config: ml_collections.ConfigDict, mesh) -> None:
+  """A global batch must split evenly over the data axis and the processes."""
+  rules = config.mesh.logical_axis_rules
+  shards = sharding_lib.axis_size(mesh, rules, 'batch')
+  batch = config.train.batch_size
+  if batch <= 0 or batch % shards or batch % jax.process_count():
+    raise ValueError(
+        f'train.batch_size={batch} is not divisible by the data axis size {shards} '
+        f'(mesh {dict(mesh.shape)}) and the process count {jax.process_count()}')
+
+
+# ---------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM: saving a checkpoint and stopping')
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _raise_nonfinite(stats: dict, names: list[str]) -> None:
+  step = int(stats['nonfinite_step'])
+  if step < 0:
+    return
+  mask = int(stats['nonfinite_mask'])
+  bad = [n for i, n in enumerate(names) if mask >> i & 1]
+  raise NonFiniteError(
+      f'non-finite {", ".join(bad)} at step {step}; the run stopped without saving that '
+      f'state (the last checkpoint is intact): lower optim.learning_rate or check the data')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_at: int | None = None) -> dict:
+  """Trains an SAE as configured, checkpointing into `workdir`, and evaluates it.
+
+  Resumes from the latest checkpoint in `workdir` when there is one.
+
+  Args:
+    config: a config as made by `experiments/base.py`.
+    workdir: run directory (checkpoints, metrics.jsonl, tensorboard/, data/).
+    stop_at: stop once this step is reached, saving a checkpoint as a preempted
+      run does (the schedules still follow `config.train.num_steps`); a later
+      call resumes from there. Sweeps use it for intermediate evaluations.
+
+  Returns:
+    A summary: final step, the last training metrics, the held-out evaluation,
+    whether the run was preempted, and where its outputs are.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding_lib.make_mesh(config.mesh.shape, config.mesh.axis_names)
+  rules = config.mesh.logical_axis_rules
+  check_batch(config, mesh)
+  manager = ckpt_lib.make_manager(ckpt_lib.checkpoint_dir(workdir),
+                                  keep=config.train.keep_checkpoints)
+  latest = manager.latest_step()
+  run_info = None
+  if latest is not None:
+    _, _, run_info = ckpt_lib.read_metadata(ckpt_lib.checkpoint_dir(workdir), latest)
+    store_path = run_info['store']
+  else:
+    store_path = resolve_store(config, workdir)
+  reader = store_lib.StoreReader(store_path,
+                                 d_model=config.data.d_model if config.data.d_model > 0 else None)
+  d_model = reader.d_model
+  if run_info is None:
+    scale = loader_lib.normalization_scale(reader) if config.data.normalize else 1.0
+    run_info = {'store': store_path, 'd_model': d_model, 'data_scale': float(scale)}
+
+  sae = make_sae(config.sae, d_model)
+  num_steps = config.train.num_steps
+  tx = schedules.make_optimizer(config.optim, num_steps)
+  abstract, shardings = state_lib.state_shardings(sae, tx, config.seed, mesh, rules)
+  data_sharding = sharding_lib.batch_sharding(mesh, rules)
+  batch_size = config.train.batch_size
+  names = metric_names(sae, tx, config, abstract, (batch_size, d_model))
+  config_dict = config.to_dict()
+
+  # ---- initial state: latest checkpoint > init_from > fresh ----------------
+  if latest is not None:
+    state, _, _ = ckpt_lib.restore(manager, latest, abstract, shardings)
+  elif config.train.init_from:
+    source = ckpt_lib.make_manager(config.train.init_from, read_only=True)
+    state, _, _ = ckpt_lib.restore(source, source.latest_step(), abstract, shardings)
+    source.close()
+  else:
+    state = state_lib.create_state(sae, tx, config.seed, shardings)
+    sample = sample_train_rows(reader, config.data.heldout_tokens, 16384, config.seed,
+                               run_info['data_scale'])
+    init_b_dec = jax.jit(sae.init_b_dec, out_shardings=shardings['params'])
+    state['params'] = init_b_dec(state['params'], jnp.asarray(sample))
+  start_step = int(state['step'])
+
+  train_step = jax.jit(make_train_step(sae, tx, config),
+                       in_shardings=(shardings, data_sharding),
+                       out_shardings=(shardings, sharding_lib.replicated(mesh)),
+                       donate_argnums=0)
+  writer = metrics_lib.MetricWriter(workdir)
+  summary = {'workdir': os.path.abspath(workdir), 'store': store_path,
+             'metrics': os.path.join(os.path.abspath(workdir), 'metrics.jsonl'),
+             'checkpoints': ckpt_lib.checkpoint_dir(workdir), 'preempted': False}
+  last_metrics = {}
+  logging.info('training %s (%d latents, d_model %d) from step %d to %d on mesh %s',
+               sae.name, sae.n_latents, d_model, start_step, num_steps, dict(mesh.shape))
+
+  loader = loader_lib.Loader(
+      reader, batch_size=batch_size, seed=config.seed, start_step=start_step,
+      scale=run_info['data_scale'], sharding=data_sharding, prefetch=config.data.prefetch,
+      shuffle_window_chunks=config.data.shuffle_window_chunks,
+      heldout_tokens=config.data.heldout_tokens)
+  progress = metrics_lib.Progress(num_steps, start_step, batch_size)
+  wait_time, window_start = 0.0, time.perf_counter()
+  try:
+    with _Preemption() as preemption, loader:
+      step = start_step
+      batches = iter(loader)
+      while step < num_steps:
+        t0 = time.perf_counter()
+        batch = next(batches)
+        wait_time += time.perf_counter() - t0
+        state, metrics = train_step(state, batch)
+        step += 1
+        if step % config.train.log_every == 0 or step == num_steps:
+          _raise_nonfinite(jax.device_get(state['stats']), names)
+          last_metrics = metrics_lib.to_python(metrics)
+          elapsed = time.perf_counter() - window_start
+          last_metrics['data_wait_fraction'] = wait_time / max(elapsed, 1e-9)
+          last_metrics['tokens_per_second'] = progress.update(step, last_metrics)
+          writer.write(step, last_metrics)
+          wait_time, window_start = 0.0, time.perf_counter()
+        if (step % config.train.checkpoint_every == 0 or step in (num_steps, stop_at)
+            or preemption.requested):
+          _raise_nonfinite(jax.device_get(state['stats']), names)
+          ckpt_lib.save(manager, step, state, config_dict, run_info)
+        if preemption.requested or step == stop_at:
+          summary['preempted'] = preemption.requested
+          summary['stopped_at'] = step
+          break
+    manager.wait_until_finished()
+  finally:
+    progress.close()
+    manager.close()
+
+  summary.update(step=int(state['step']), train=last_metrics)
+  if summary['step'] == num_steps and config.train.eval_batches > 0:
+    evaluation = evals.evaluate_reconstruction(
+        sae, state['params'], state['buffers'],
+        loader_lib.heldout_batches(reader, batch_size, config.train.eval_batches,
+                                   heldout_tokens=config.data.heldout_tokens,
+                                   scale=run_info['data_scale'], sharding=None),
+        dense_threshold=config.sae.dense_threshold)
+    writer.write(summary['step'], evaluation, prefix='eval')
+    summary['eval'] = evaluation
+  writer.close()
+  return summary
