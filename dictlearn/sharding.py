@@ -61,10 +61,15 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules) -> PartitionSpec:
                          for name in logical_axes))
 
 
+def is_logical_axes(x) -> bool:
+  """True for a leaf of a logical-axes tree: a plain tuple of axis names (or None)."""
+  return type(x) is tuple and all(a is None or isinstance(a, str) for a in x)
+
+
 def logical_shardings(mesh: Mesh, logical_tree, rules):
   """A tree of logical axis tuples -> a tree of NamedShardings on `mesh`."""
   return jax.tree.map(lambda axes: NamedSharding(mesh, logical_to_spec(axes, rules)),
-                      logical_tree, is_leaf=lambda x: isinstance(x, tuple))
+                      logical_tree, is_leaf=is_logical_axes)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

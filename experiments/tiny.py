@@ -26,5 +26,6 @@ def get_config(arg=None):
   c.train.log_every = 5
   c.train.checkpoint_every = 10
   c.train.eval_batches = 2
+  c.optim.warmup_steps = 5
   c.lock()
   return c

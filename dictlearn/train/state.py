@@ -53,11 +53,10 @@ def state_logical_axes(sae: SparseAutoencoder, tx: optax.GradientTransformation,
   `optax.tree_map_params`; everything else (counts, scalars) is replicated.
   """
   param_axes, buffer_axes = sae.logical_axes()
-  is_axes = lambda x: isinstance(x, tuple)
   replicate = lambda leaf: (None,) * len(leaf.shape)
   opt_axes = optax.tree_map_params(
       tx, lambda _, axes: axes, abstract_state['opt_state'], param_axes,
-      transform_non_params=replicate, is_leaf=is_axes)
+      transform_non_params=replicate, is_leaf=sharding_lib.is_logical_axes)
   return {
       'params': param_axes,
       'buffers': buffer_axes,

@@ -81,7 +81,7 @@ def make_train_step(sae: SparseAutoencoder, tx: optax.GradientTransformation,
 
     (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     grads = sae.process_grads(params, grads)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state['opt_state'], params)
     params = sae.process_params(optax.apply_updates(params, updates))
 

