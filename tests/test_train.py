@@ -64,7 +64,7 @@ def test_resume_is_bitwise_identical(tmp_path):
   config = tiny_config(**{'train.num_steps': 20, 'train.checkpoint_every': 100})
   train_and_evaluate(config, str(tmp_path / 'straight'))
   stopped = train_and_evaluate(config, str(tmp_path / 'resumed'), stop_at=7)
-  assert stopped['stopped_at'] == 7 and 'eval' not in stopped
+  assert stopped['stopped_at'] == 7 and stopped['step'] == 7 and 'eval' in stopped
   train_and_evaluate(config, str(tmp_path / 'resumed'))
   a, b = final_state(tmp_path / 'straight'), final_state(tmp_path / 'resumed')
   assert int(a['step']) == int(b['step']) == 20

@@ -34,7 +34,7 @@ def make_manager(directory: str, *, keep: int = 3, read_only: bool = False,
                  async_save: bool = True) -> ocp.CheckpointManager:
   """An orbax CheckpointManager over `directory` (keep-N retention, async saves)."""
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=not read_only, read_only=read_only,
+      max_to_keep=None if read_only else keep, create=not read_only, read_only=read_only,
       enable_async_checkpointing=async_save)
   return ocp.CheckpointManager(_abs(directory), options=options,
                                item_names=('state', 'config', 'run'))

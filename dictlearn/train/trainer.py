@@ -199,9 +199,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   Args:
     config: a config as made by `experiments/base.py`.
     workdir: run directory (checkpoints, metrics.jsonl, tensorboard/, data/).
-    stop_at: stop once this step is reached, saving a checkpoint as a preempted
-      run does (the schedules still follow `config.train.num_steps`); a later
-      call resumes from there. Sweeps use it for intermediate evaluations.
+    stop_at: stop once this step is reached, saving a checkpoint and evaluating
+      (the schedules still follow `config.train.num_steps`); a later call
+      resumes from there. Sweeps use it for evaluations along training.
 
   Returns:
     A summary: final step, the last training metrics, the held-out evaluation,
@@ -302,13 +302,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     manager.close()
 
   summary.update(step=int(state['step']), train=last_metrics)
-  if summary['step'] == num_steps and config.train.eval_batches > 0:
+  finished = summary['step'] == num_steps or (
+      stop_at is not None and summary.get('stopped_at') == stop_at)
+  if finished and not summary['preempted'] and config.train.eval_batches > 0:
     evaluation = evals.evaluate_reconstruction(
         sae, state['params'], state['buffers'],
         loader_lib.heldout_batches(reader, batch_size, config.train.eval_batches,
                                    heldout_tokens=config.data.heldout_tokens,
                                    scale=run_info['data_scale'], sharding=None),
         dense_threshold=config.sae.dense_threshold)
+    if not config.data.store:  # synthetic data: how much of the true dictionary was found
+      evaluation['recovered_fraction'] = synthetic.recovered_fraction(
+          synthetic.load_true_dictionary(store_path),
+          np.asarray(jax.device_get(state['params']['W_dec'])), threshold=0.9)
     writer.write(summary['step'], evaluation, prefix='eval')
     summary['eval'] = evaluation
   writer.close()

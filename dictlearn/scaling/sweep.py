@@ -1,0 +1,237 @@
+"""Sweeps over dictionary size x training tokens (and k, learning rate, seed).
+
+A sweep config (`experiments/scaling_sweep.py`) names a base experiment and the
+values to sweep; `expand` turns it into runs of the ordinary trainer, each with
+its own workdir under the sweep directory. Then either
+
+    python -m dictlearn.scaling.sweep run --config experiments/scaling_sweep.py --out DIR
+
+trains them one after another here, evaluating each at `eval_fractions` of its
+training (by stopping and resuming the same run, so the points lie on one
+learning-rate schedule), or
+
+    python -m dictlearn.scaling.sweep commands --config ... --out DIR
+
+prints one `python -m dictlearn.train` command per run for a cluster launcher,
+after which `... collect --out DIR` gathers what they recorded. Either way the
+results table `DIR/results.jsonl` has one record per (run, evaluation point):
+
+    run, architecture, seed, d_model, n_latents, alive_latents, k,
+    sparsity_coefficient, learning_rate, batch_size, step, tokens,
+    flops_dense, flops_sparse (by `laws.sae_training_flops`), fvu, mse, l0,
+    dead_fraction, dense_fraction, ce_loss_recovered (when the run has one)
+"""
+import argparse
+import ast
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import runpy
+import shlex
+import sys
+
+import ml_collections
+
+from dictlearn.scaling import laws
+from dictlearn.train import checkpoint as ckpt_lib
+from dictlearn.train import metrics as metrics_lib
+
+RESULTS = 'results.jsonl'
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One training run of a sweep."""
+  name: str
+  overrides: dict  # dotted config path -> value
+
+  def workdir(self, out_dir: str) -> str:
+    return os.path.join(out_dir, self.name)
+
+
+def load_experiment(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """Loads `get_config(arg)` from an experiment file."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'experiment file {path} does not exist')
+  return runpy.run_path(path)['get_config'](arg or None)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict):
+  """A copy of `config` with dotted-path overrides; an unknown path is an error."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  for dotted, value in overrides.items():
+    node, parts = config, dotted.split('.')
+    for i, part in enumerate(parts):
+      if part not in node:
+        raise KeyError(f'sweep override {dotted}={value!r}: config.'
+                       f'{".".join(parts[:i]) or "(top)"} has no field {part!r}')
+      if i < len(parts) - 1:
+        node = node[part]
+    node[parts[-1]] = type(node[parts[-1]])(value)
+  config.lock()
+  return config
+
+
+def parse_overrides(items) -> dict:
+  """('a.b=1', 'c=x') -> {'a.b': 1, 'c': 'x'}; values parsed as Python literals when they are."""
+  out = {}
+  for item in items:
+    path, sep, text = item.partition('=')
+    if not sep or not path:
+      raise ValueError(f'sweep override {item!r} is not of the form dotted.path=value')
+    try:
+      out[path] = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      out[path] = text
+  return out
+
+
+def _short(tokens: int) -> str:
+  for unit, size in (('G', 2**30), ('M', 2**20), ('K', 2**10)):
+    if tokens >= size and tokens % size == 0:
+      return f'{tokens // size}{unit}'
+  return str(tokens)
+
+
+def expand(sweep: ml_collections.ConfigDict) -> list[Run]:
+  """The runs of a sweep: the product of its value lists (empty list = the experiment's)."""
+  base = load_experiment(sweep.experiment, sweep.experiment_arg)
+  axes = [('n_latents', 'sae.n_latents', tuple(sweep.n_latents)),
+          ('tokens', None, tuple(sweep.tokens)),
+          ('k', 'sae.k', tuple(sweep.k)),
+          ('lr', 'optim.learning_rate', tuple(sweep.learning_rate)),
+          ('seed', 'seed', tuple(sweep.seeds))]
+  if not sweep.n_latents or not sweep.tokens:
+    raise ValueError('a sweep needs at least one n_latents and one tokens value')
+  runs = []
+  for values in itertools.product(*(vals or (None,) for _, _, vals in axes)):
+    overrides, parts = parse_overrides(sweep.overrides), []
+    for (label, path, _), value in zip(axes, values):
+      if value is None:
+        continue
+      if label == 'tokens':
+        steps = int(value) // base.train.batch_size
+        if steps < 1:
+          raise ValueError(f'tokens={value} is less than one batch ({base.train.batch_size})')
+        overrides['train.num_steps'] = steps
+        parts.append(f'D{_short(int(value))}')
+      else:
+        overrides[path] = value
+        parts.append(f'{label}{value}')
+    runs.append(Run('_'.join(parts), overrides))
+  return runs
+
+
+def run_config(sweep: ml_collections.ConfigDict, run: Run) -> ml_collections.ConfigDict:
+  return apply_overrides(load_experiment(sweep.experiment, sweep.experiment_arg), run.overrides)
+
+
+def eval_steps(num_steps: int, fractions) -> list[int]:
+  """Steps at which a run of `num_steps` is evaluated (always including the last)."""
+  steps = {max(1, round(f * num_steps)) for f in fractions if 0 < f <= 1}
+  return sorted(steps | {num_steps})
+
+
+def records_of(run: Run, config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """Results-table records from the held-out evaluations a run wrote to its metrics."""
+  evaluations = metrics_lib.read_metrics(workdir, 'eval')
+  if not evaluations:
+    return []
+  _, _, run_info = ckpt_lib.read_metadata(ckpt_lib.checkpoint_dir(workdir))
+  d_model = int(run_info['d_model'])
+  out = []
+  for record in evaluations:
+    n = config.sae.n_latents
+    tokens = record['step'] * config.train.batch_size
+    topk = config.sae.architecture in ('topk', 'batchtopk')
+    k_eff = config.sae.k if topk else max(record['l0'], 1e-9)
+    out.append({
+        'run': run.name, 'architecture': config.sae.architecture, 'seed': config.seed,
+        'd_model': d_model, 'n_latents': n,
+        'alive_latents': round(n * (1 - record['dead_fraction'])),
+        'k': config.sae.k if topk else None,
+        'sparsity_coefficient': None if topk else config.sae.sparsity_coefficient,
+        'learning_rate': config.optim.learning_rate, 'batch_size': config.train.batch_size,
+        'step': record['step'], 'tokens': tokens,
+        'flops_dense': float(laws.sae_training_flops(n, tokens, d_model)),
+        'flops_sparse': float(laws.sae_training_flops(n, tokens, d_model, k=k_eff,
+                                                      sparse_decode=True)),
+        **{m: record.get(m) for m in ('fvu', 'mse', 'l0', 'dead_fraction', 'dense_fraction',
+                                      'ce_loss_recovered')},
+    })
+  return out
+
+
+def collect(sweep: ml_collections.ConfigDict, out_dir: str) -> list[dict]:
+  """Rebuilds `out_dir/results.jsonl` from every run's recorded evaluations."""
+  records = []
+  for run in expand(sweep):
+    workdir = run.workdir(out_dir)
+    if os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
+      records.extend(records_of(run, run_config(sweep, run), workdir))
+  path = os.path.join(out_dir, RESULTS)
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    for record in records:
+      f.write(json.dumps(record) + '\n')
+  os.replace(tmp, path)
+  return records
+
+
+def run_sweep(sweep: ml_collections.ConfigDict, out_dir: str) -> list[dict]:
+  """Trains every run here, in order, evaluating along the way; resumable."""
+  from dictlearn.train.trainer import train_and_evaluate  # heavy import, only to run
+  os.makedirs(out_dir, exist_ok=True)
+  runs = expand(sweep)
+  for i, run in enumerate(runs):
+    config = run_config(sweep, run)
+    config.unlock()
+    config.train.eval_batches = sweep.eval_batches
+    config.lock()
+    workdir = run.workdir(out_dir)
+    done = {r['step'] for r in metrics_lib.read_metrics(workdir, 'eval')}
+    for step in eval_steps(config.train.num_steps, sweep.eval_fractions):
+      if step in done:
+        continue
+      logging.info('sweep run %d/%d %s: training to step %d', i + 1, len(runs), run.name, step)
+      train_and_evaluate(config, workdir, stop_at=step)
+    collect(sweep, out_dir)
+  return collect(sweep, out_dir)
+
+
+def commands(sweep: ml_collections.ConfigDict, out_dir: str) -> list[str]:
+  """One trainer command per run, for a cluster launcher."""
+  target = sweep.experiment + (f':{sweep.experiment_arg}' if sweep.experiment_arg else '')
+  out = []
+  for run in expand(sweep):
+    args = ['python', '-m', 'dictlearn.train', '--config', target,
+            '--workdir', run.workdir(out_dir),
+            f'--config.train.eval_batches={sweep.eval_batches}']
+    args += [f'--config.{k}={v}' for k, v in run.overrides.items()]
+    out.append(shlex.join(args))
+  return out
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog='python -m dictlearn.scaling.sweep',
+                                   description='Run, print or collect a scaling sweep.')
+  parser.add_argument('action', choices=('run', 'commands', 'collect'))
+  parser.add_argument('--config', required=True, help='sweep config file[:arg]')
+  parser.add_argument('--out', required=True, help='sweep directory')
+  args = parser.parse_args(argv)
+  path, _, arg = args.config.partition(':')
+  sweep = load_experiment(path, arg)
+  if args.action == 'commands':
+    print('\n'.join(commands(sweep, args.out)))
+    return 0
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
+  logging.getLogger('absl').setLevel(logging.WARNING)
+  records = run_sweep(sweep, args.out) if args.action == 'run' else collect(sweep, args.out)
+  print(f'{len(records)} records in {os.path.join(args.out, RESULTS)}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
