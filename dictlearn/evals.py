@@ -144,3 +144,120 @@ def ce_loss_recovered(sae: SparseAutoencoder, params, buffers, lm_cfg, lm_params
                               / (out['ce_zero_ablation'] - out['ce_clean']))
   out['ce_tokens'] = n
   return out
+
+
+def heldout_contexts(reader, heldout_tokens: int, context_length: int, bos_id: int,
+                     max_contexts: int) -> np.ndarray:
+  """Token contexts rebuilt from a harvested store's held-out rows.
+
+  The store keeps the tokens of every row with its document index, BOS rows
+  left out; the held-out rows are the last `heldout_tokens`. They are packed
+  again as the harvester packs: every context starts with BOS and a BOS stands
+  between documents.
+
+  Returns:
+    int32 [n, context_length], n <= max_contexts (only whole contexts).
+
+  Raises:
+    ValueError: the store records no token ids, or too few for one context.
+  """
+  start = reader.n_rows - heldout_tokens
+  tokens = np.asarray(reader.read_tokens(start, reader.n_rows))
+  docs = np.asarray(reader.read_doc(start, reader.n_rows))
+  if tokens.size and tokens.min() < 0:
+    raise ValueError(f'store at {reader.path} records no token ids (tokens = -1): CE loss '
+                     'recovered needs a harvested store')
+  contexts, current = [], [bos_id]
+
+  def push(token):
+    current.append(token)
+    if len(current) == context_length:
+      contexts.append(list(current))
+      del current[1:]
+
+  previous_doc = docs[0] if docs.size else -1
+  for token, doc in zip(tokens.tolist(), docs.tolist()):
+    if len(contexts) >= max_contexts:
+      break
+    if doc != previous_doc and len(current) > 1:
+      push(bos_id)  # the separator between documents
+    previous_doc = doc
+    push(token)
+  contexts = contexts[:max_contexts]
+  if not contexts:
+    raise ValueError(f'the {heldout_tokens} held-out rows of {reader.path} do not fill one '
+                     f'context of {context_length} tokens')
+  return np.asarray(contexts, np.int32)
+
+
+def evaluate_checkpoint(workdir: str, step: int | None = None, *, eval_batches: int | None = None,
+                        ce_contexts: int = 16, lm_model=None) -> dict:
+  """Evaluates a run's checkpoint on its held-out rows, and in its LM when it has one.
+
+  Args:
+    workdir: the run directory.
+    step: checkpoint step (default: the latest).
+    eval_batches: held-out batches (default: the run's `train.eval_batches`).
+    ce_contexts: contexts for CE loss recovered (0 skips it); used only when the
+      run's store was harvested from a language model.
+    lm_model: an already loaded (cfg, params, tokenizer), to skip loading.
+
+  Returns:
+    The reconstruction metrics, plus the CE metrics when computed, and the step.
+  """
+  import ml_collections
+  from dictlearn.data import loader as loader_lib
+  from dictlearn.data import store as store_lib
+  from dictlearn.sae import make_sae
+  from dictlearn.train import checkpoint as ckpt_lib
+
+  directory = ckpt_lib.checkpoint_dir(workdir)
+  step, config, run_info = ckpt_lib.read_metadata(directory, step)
+  _, state = ckpt_lib.restore_arrays(directory, step)
+  config = ml_collections.ConfigDict(config)
+  reader = store_lib.StoreReader(run_info['store'], d_model=run_info['d_model'])
+  sae = make_sae(config.sae, run_info['d_model'])
+  scale = run_info['data_scale']
+  heldout = config.data.heldout_tokens
+  n_batches = config.train.eval_batches if eval_batches is None else eval_batches
+  batch_size = min(config.train.batch_size, heldout)
+  out = {'step': step, **evaluate_reconstruction(
+      sae, state['params'], state['buffers'],
+      loader_lib.heldout_batches(reader, batch_size, max(1, min(n_batches, heldout // batch_size)),
+                                 heldout_tokens=heldout, scale=scale, sharding=None),
+      dense_threshold=config.sae.dense_threshold)}
+  extra = reader.manifest.get('extra') or {}
+  if ce_contexts > 0 and 'harvest' in extra:
+    from dictlearn import harvest
+    from dictlearn import lm
+    lm_cfg, lm_params, _ = lm_model or lm.load_gguf(
+        harvest.resolve_model_path(extra['harvest']['model']), with_tokenizer=False)
+    contexts = heldout_contexts(reader, heldout, extra['context_length'], extra['bos_id'],
+                                ce_contexts)
+    out.update(ce_loss_recovered(sae, state['params'], state['buffers'], lm_cfg, lm_params,
+                                 contexts, site=reader.manifest['site'], data_scale=scale,
+                                 bos_id=extra['bos_id']))
+  return out
+
+
+def main(argv=None) -> int:
+  """python -m dictlearn.evals --workdir DIR [--step N] [--ce_contexts N]"""
+  import argparse
+  import json
+  parser = argparse.ArgumentParser(prog='python -m dictlearn.evals',
+                                   description='Evaluate a checkpoint of a training run.')
+  parser.add_argument('--workdir', required=True, help='run directory')
+  parser.add_argument('--step', type=int, default=None, help='checkpoint step (default latest)')
+  parser.add_argument('--eval_batches', type=int, default=None, help="held-out batches")
+  parser.add_argument('--ce_contexts', type=int, default=16,
+                      help='contexts for CE loss recovered (0 = skip)')
+  args = parser.parse_args(argv)
+  result = evaluate_checkpoint(args.workdir, args.step, eval_batches=args.eval_batches,
+                               ce_contexts=args.ce_contexts)
+  print(json.dumps(result, indent=2))
+  return 0
+
+
+if __name__ == '__main__':
+  import sys
+  sys.exit(main())
