@@ -5,13 +5,15 @@
 
 Defaults: TopK SAEs of 256 to 8192 latents on the synthetic experiment's data,
 each evaluated at 1/4, 1/2 and all of its 2^20 training tokens. `arg` picks a
-preset: 'smoke' (three tiny runs, for tests).
+preset: 'smollm2' (the same sizes on the main job's SmolLM2 store, with a
+constant learning rate so that every evaluation point is a fair token budget:
+about 25 minutes on 2 CPU cores) or 'smoke' (three tiny runs, for tests).
 """
 import ml_collections
 
 
 def get_config(arg=None):
-  """Sweep config; `arg` = None (default sweep) or 'smoke'."""
+  """Sweep config; `arg` = None (default sweep), 'smollm2' or 'smoke'."""
   c = ml_collections.ConfigDict()
   c.experiment = 'experiments/synthetic.py'  # base experiment file of every run
   c.experiment_arg = ''  # its get_config argument ('' = none)
@@ -22,14 +24,21 @@ def get_config(arg=None):
   c.seeds = (0,)  # seeds; several give the bootstrap clusters
   c.eval_fractions = (0.25, 0.5, 1.0)  # evaluation points along each run, as fractions of it
   c.eval_batches = 8  # held-out batches per evaluation
+  c.ce_contexts = 0  # held-out contexts for CE loss recovered at each point (needs a harvested store)
   c.overrides = ()  # 'dotted.path=value' strings applied to every run, e.g. 'sae.k=16'
-  if arg == 'smoke':
+  if arg == 'smollm2':  # on the main job's store: run the main job first
+    c.experiment = 'experiments/smollm2_topk.py'
+    c.overrides = ('data.store=runs/smollm2/activations/blocks.12.hook_resid_post',
+                   'train.checkpoint_every=100000', 'optim.decay=constant', 'sae.aux_k=128')
+    c.eval_batches = 8
+    c.ce_contexts = 4
+  elif arg == 'smoke':
     c.experiment = 'experiments/tiny.py'
     c.n_latents = (32, 64, 128)
     c.tokens = (64 * 40,)
     c.eval_fractions = (0.5, 1.0)
     c.eval_batches = 2
   elif arg:
-    raise ValueError(f'scaling_sweep preset {arg!r} is unknown; expected none or smoke')
+    raise ValueError(f'scaling_sweep preset {arg!r} is unknown; expected none, smollm2 or smoke')
   c.lock()
   return c

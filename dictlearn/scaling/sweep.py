@@ -34,6 +34,7 @@ import sys
 
 import ml_collections
 
+from dictlearn import evals
 from dictlearn.scaling import laws
 from dictlearn.train import checkpoint as ckpt_lib
 from dictlearn.train import metrics as metrics_lib
@@ -185,20 +186,39 @@ def run_sweep(sweep: ml_collections.ConfigDict, out_dir: str) -> list[dict]:
   from dictlearn.train.trainer import train_and_evaluate  # heavy import, only to run
   os.makedirs(out_dir, exist_ok=True)
   runs = expand(sweep)
+  lm_model = None
+  if sweep.ce_contexts > 0:
+    from dictlearn import lm
+    lm_model = lm.load_gguf()
   for i, run in enumerate(runs):
     config = run_config(sweep, run)
     config.unlock()
     config.train.eval_batches = sweep.eval_batches
     config.lock()
     workdir = run.workdir(out_dir)
-    done = {r['step'] for r in metrics_lib.read_metrics(workdir, 'eval')}
+    done = {r['step'] for r in metrics_lib.read_metrics(workdir, 'eval')
+            if sweep.ce_contexts == 0 or 'ce_loss_recovered' in r}
     for step in eval_steps(config.train.num_steps, sweep.eval_fractions):
       if step in done:
         continue
       logging.info('sweep run %d/%d %s: training to step %d', i + 1, len(runs), run.name, step)
       train_and_evaluate(config, workdir, stop_at=step)
+      if sweep.ce_contexts > 0:  # the model's own loss with the SAE spliced in
+        ce = evals.evaluate_checkpoint(workdir, step, eval_batches=0,
+                                       ce_contexts=sweep.ce_contexts, lm_model=lm_model)
+        record_ce(workdir, step, ce)
     collect(sweep, out_dir)
   return collect(sweep, out_dir)
+
+
+def record_ce(workdir: str, step: int, ce: dict) -> None:
+  """Adds CE metrics to the run's held-out evaluation record at `step`."""
+  evaluation = next(r for r in metrics_lib.read_metrics(workdir, 'eval') if r['step'] == step)
+  writer = metrics_lib.MetricWriter(workdir, tensorboard=False)
+  fields = {k: v for k, v in evaluation.items() if k not in ('step', 'split')}
+  writer.write(step, {**fields, **{k: ce[k] for k in ce if k.startswith(('ce_', 'kl_'))}},
+               prefix='eval')
+  writer.close()
 
 
 def commands(sweep: ml_collections.ConfigDict, out_dir: str) -> list[str]:
