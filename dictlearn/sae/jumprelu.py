@@ -1,0 +1,179 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead"; Gemma Scope,
+Lieberum et al. 2024).
+
+    z = x @ W_enc + b_enc        f = z * H(z - theta),  theta = exp(log_threshold)
+    x_hat = f @ W_dec + b_dec
+    loss = mse + lambda * L0,    L0 = mean_b sum_i H(z_i - theta_i)
+
+H has no useful derivative, so straight-through estimators give theta a
+gradient through a rectangle-kernel pseudo-derivative of bandwidth eps
+(`jumprelu_bandwidth`), K(u) = 1{|u| < 1/2}:
+
+    d/dtheta [z H(z - theta)] = -(theta / eps) K((z - theta) / eps)
+    d/dtheta H(z - theta)     = -(1 / eps) K((z - theta) / eps)
+
+and z gets H(z - theta) from the first term and nothing through H itself.
+
+As in Gemma Scope, decoder rows are kept at unit norm (gradient projected,
+rows renormalised after each update; the L0 penalty is blind to decoder scale),
+W_enc starts as W_dec^T, b_enc at 0 and theta at `jumprelu_threshold_init`.
+Gemma Scope normalises activations to E||x||^2 = 1; with this library's
+E||x||^2 = d_model, pre-activations are sqrt(d_model) larger and mse d_model
+times larger, so their (theta_init, eps, lambda) map to
+(sqrt(d) theta_init, sqrt(d) eps, d lambda).
+
+With `sparse_capacity` C > 0, each token's entries with z > theta - eps (the
+active ones and those inside the kernel band, i.e. every entry with a non-zero
+gradient) are followed sparsely, up to C; a batch where some token has more is
+computed densely (`lax.cond`), so loss and gradients are always exact.
+"""
+import functools
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from dictlearn.sae import base
+from dictlearn.sae import kernels
+
+
+def _rectangle(u):
+  return ((u > -0.5) & (u < 0.5)).astype(jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def jumprelu(z, theta, bandwidth):
+  """z * H(z - theta) with the JumpReLU pseudo-derivative wrt theta.
+
+  Args:
+    z: pre-activations.
+    theta: thresholds, same shape as z (broadcast before calling).
+    bandwidth: kernel width eps (static float).
+
+  Returns:
+    Activations, same shape as z.
+  """
+  return jnp.where(z > theta, z, 0.0)
+
+
+def _jumprelu_fwd(z, theta, bandwidth):
+  return jumprelu(z, theta, bandwidth), (z, theta)
+
+
+def _jumprelu_bwd(bandwidth, res, g):
+  z, theta = res
+  d_z = jnp.where(z > theta, g, 0.0)
+  d_theta = -(theta / bandwidth) * _rectangle((z - theta) / bandwidth) * g
+  return d_z, d_theta
+
+
+jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def step(z, theta, bandwidth):
+  """H(z - theta) as float32, with the pseudo-derivative -(1/eps) K wrt theta only."""
+  return (z > theta).astype(jnp.float32)
+
+
+def _step_fwd(z, theta, bandwidth):
+  return step(z, theta, bandwidth), (z, theta)
+
+
+def _step_bwd(bandwidth, res, g):
+  z, theta = res
+  return jnp.zeros_like(z), -(1.0 / bandwidth) * _rectangle((z - theta) / bandwidth) * g
+
+
+step.defvjp(_step_fwd, _step_bwd)
+
+
+class JumpReLUSAE(base.SparseAutoencoder):
+  """JumpReLU SAE trained on an L0 penalty with straight-through estimators."""
+  name = 'jumprelu'
+  unit_norm_decoder = True
+
+  def __init__(self, cfg, d_model):
+    super().__init__(cfg, d_model)
+    self._check_capacity()
+    if cfg.jumprelu_threshold_init <= 0:
+      raise ValueError('sae.jumprelu_threshold_init must be positive, got '
+                       f'{cfg.jumprelu_threshold_init}')
+    if cfg.jumprelu_bandwidth <= 0:
+      raise ValueError(f'sae.jumprelu_bandwidth must be positive, got {cfg.jumprelu_bandwidth}')
+    self.bandwidth = float(cfg.jumprelu_bandwidth)
+
+  def init(self, key):
+    params = self._tied_init(key, 1.0)
+    log_theta = jnp.log(jnp.float32(self.cfg.jumprelu_threshold_init))
+    params['log_threshold'] = jnp.full((self.n_latents,), log_theta, self.param_dtype)
+    return params, {}
+
+  def logical_axes(self):
+    params, buffers = super().logical_axes()
+    return dict(params, log_threshold=('latent',)), buffers
+
+  @staticmethod
+  def threshold(params):
+    """theta = exp(log_threshold), [n] float32."""
+    return jnp.exp(params['log_threshold'].astype(jnp.float32))
+
+  def _dense_parts(self, operands):
+    """(x_hat, l0 penalty, fired) by the dense formulation."""
+    x, params = operands[:2]
+    pre = self._preacts(params, x)
+    theta = jnp.broadcast_to(self.threshold(params), pre.shape)
+    acts = jumprelu(pre, theta, self.bandwidth)
+    x_hat = self.decode(params, acts)
+    l0 = jnp.sum(step(pre, theta, self.bandwidth)) / x.shape[0]
+    return x_hat, l0, jnp.sum((pre > theta).astype(jnp.float32), axis=0)
+
+  def _sparse_parts(self, operands):
+    """(x_hat, l0 penalty, fired) from the selected entries (no overflow)."""
+    x, params, values, latents = operands
+    theta = self.threshold(params)[latents]
+    acts = jumprelu(values, theta, self.bandwidth)
+    x_hat = (kernels.sparse_decode(acts, latents, params['W_dec'])
+             + params['b_dec'].astype(jnp.float32))
+    l0 = jnp.sum(step(values, theta, self.bandwidth)) / x.shape[0]
+    fired = jax.ops.segment_sum((values > theta).astype(jnp.float32).reshape(-1),
+                                latents.reshape(-1), num_segments=self.n_latents)
+    return x_hat, l0, fired
+
+  def forward(self, params, buffers, x, *, sparsity_coefficient, dead_mask):
+    del dead_mask
+    x = x.astype(jnp.float32)
+    capacity = self.cfg.sparse_capacity
+    if not capacity:
+      x_hat, l0, fired = self._dense_parts((x, params))
+    else:
+      # Entries with (z - theta) + eps > 0 include every one that is active or
+      # inside the kernel band (|z - theta| < eps / 2), computed with the same
+      # float ops as the backward's band test.
+      values, latents, overflow = kernels.capacity_select(
+          x, params['W_enc'], params['b_enc'], capacity,
+          threshold=lax.stop_gradient(self.threshold(params)), margin=self.bandwidth,
+          block_size=self.block_size, dtype=jnp.dtype(self.dtype).name)
+      x_hat, l0, fired = lax.cond(
+          overflow, jax.checkpoint(self._dense_parts), self._sparse_parts,
+          (x, params, values, latents))
+    mse, fvu = base.reconstruction_metrics(x, x_hat)
+    loss = mse + sparsity_coefficient * l0
+    metrics = {
+        'mse': mse, 'fvu': fvu, 'l0': l0, 'l0_penalty': l0,
+        'threshold_mean': jnp.mean(self.threshold(params)),
+    }
+    if capacity:  # 1 when this batch fell back to the dense formulation
+      metrics['overflow'] = overflow.astype(jnp.float32)
+    return base.ForwardOutput(loss, metrics, fired, buffers)
+
+  def _inference_act(self, params):
+    theta = self.threshold(params)
+    return lambda pre: jnp.where(pre > theta, pre, 0.0)
+
+  def encode(self, params, buffers, x):
+    return self._inference_act(params)(self._preacts(params, x.astype(jnp.float32)))
+
+  def reconstruct(self, params, buffers, x):
+    return self._threshold_reconstruct(params, x.astype(jnp.float32), self.threshold(params),
+                                       self._inference_act(params))

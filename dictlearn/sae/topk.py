@@ -1,0 +1,179 @@
+"""TopK SAE (Gao et al. 2024, "Scaling and evaluating sparse autoencoders").
+
+    z = ReLU(TopK_k((x - b_dec) @ W_enc + b_enc))      x_hat = z @ W_dec + b_dec
+    loss = mse + aux_k_coefficient * aux_k
+
+`mse` is the squared error summed over d_model and averaged over the batch.
+AuxK reconstructs the residual e = x - x_hat (held fixed) from the top `aux_k`
+pre-activations among the dead latents, without b_dec, so dead latents get a
+gradient. Like sparsify, its scale is min(n_dead / aux_k, 1) and it is 0 when no
+latent is dead. Sparsify and OpenAI divide both the main and the AuxK squared
+errors by the same batch variance; here both are divided by the batch size, so
+the relative weight of the two terms is theirs and `aux_k` has mse's units.
+
+Decoder rows stay unit norm (gradient projected onto the sphere, rows
+renormalised after each update); the encoder starts as the decoder's transpose.
+The whole path is one dense matmul plus top-k; decoder and every backward pass
+follow only the k selected latents (`kernels`).
+"""
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from dictlearn.sae import base
+from dictlearn.sae import kernels
+
+
+# AuxK runs densely over the gathered dead latents when at most
+# max(aux_k, n_latents // _AUX_DENSE_FRACTION) are dead (the usual case).
+_AUX_DENSE_FRACTION = 8
+
+
+def aux_dense_cap(sae):
+  """Most dead latents for which AuxK runs densely over the gathered dead ones."""
+  return min(sae.n_latents, max(sae.cfg.aux_k, sae.n_latents // _AUX_DENSE_FRACTION))
+
+
+def _dead_first(dead_mask):
+  """Latent indices, dead ones first, each group in index order (a stable
+  partition by cumulative sums: XLA's sort is slow on CPU)."""
+  dead = dead_mask.astype(jnp.int32)
+  n_dead = jnp.sum(dead)
+  pos = jnp.where(dead_mask, jnp.cumsum(dead) - 1, n_dead + jnp.cumsum(1 - dead) - 1)
+  latents = jnp.arange(dead_mask.shape[0], dtype=jnp.int32)
+  return jnp.zeros_like(latents).at[pos].set(latents, unique_indices=True)
+
+
+def _aux_reconstruction_dense(sae, params, x_in, dead_mask, cap):
+  """e_hat from the top aux_k dead latents, densely over `cap` gathered latents.
+
+  The dead latents, then the live ones, are gathered in index order and the
+  live ones masked, so the selection (ties included) is the top-k of the dead
+  latents' pre-activations. With aux_k / cap large (256 / 2048 at 16k latents)
+  three small matmuls beat gathering aux_k rows per token.
+  """
+  order = _dead_first(dead_mask)[:cap]
+  pre = kernels.preactivations(x_in, params['W_enc'][:, order], params['b_enc'][order],
+                               sae.dtype)
+  valid = jnp.arange(cap) < jnp.sum(dead_mask)
+  _, pos = kernels.top_k_rows(jnp.where(valid, pre, -jnp.inf), sae.cfg.aux_k)
+  rows = jnp.arange(pre.shape[0])[:, None]
+  keep = jnp.zeros(pre.shape, jnp.float32).at[rows, pos].set(1.0) * valid
+  acts = jax.nn.relu(pre) * lax.stop_gradient(keep)
+  return jnp.dot(acts.astype(sae.dtype), params['W_dec'][order].astype(sae.dtype),
+                 preferred_element_type=jnp.float32)
+
+
+def aux_k_loss(sae, params, enc, x_in, err, dead_mask):
+  """AuxK loss (sum over d, mean over batch units) and the number of dead latents.
+
+  Three cases, chosen at run time: nothing dead (0, no work); at most
+  `aux_dense_cap` dead (dense over the gathered dead latents); more (the sparse
+  AuxK selection `enc` made by the encoder kernel).
+
+  Args:
+    sae: the SAE (cfg.aux_k, dtype).
+    params: SAE parameters.
+    enc: kernels.EncoderOutput; its AuxK selection is used when many are dead.
+    x_in: [B, d] encoder input.
+    err: [B, d] residual x - x_hat; no gradient flows into it.
+    dead_mask: [n] bool.
+
+  Returns:
+    (aux_k scalar, n_dead scalar float32).
+  """
+  n_dead = jnp.sum(dead_mask.astype(jnp.float32))
+  if not sae.cfg.aux_k:
+    return jnp.zeros((), jnp.float32), n_dead
+  scale = jnp.minimum(n_dead / sae.cfg.aux_k, 1.0)
+  err = lax.stop_gradient(err)
+  cap = aux_dense_cap(sae)
+
+  def loss(e_hat):
+    diff = e_hat - err
+    return scale * jnp.sum(diff * diff) / err.shape[0]
+
+  def sparse(operands):
+    params, x_in = operands
+    del x_in  # used through enc
+    acts = jnp.where(dead_mask[enc.aux_latents], jax.nn.relu(enc.aux_values), 0.0)
+    return loss(kernels.sparse_decode(acts, enc.aux_latents, params['W_dec']))
+
+  def dense(operands):
+    params, x_in = operands
+    return loss(_aux_reconstruction_dense(sae, params, x_in, dead_mask, cap))
+
+  branch = jnp.where(n_dead == 0, 0, jnp.where(n_dead <= cap, 1, 2))
+  aux = lax.switch(branch, [lambda ops: jnp.zeros((), jnp.float32), dense, sparse],
+                   (params, x_in))
+  return aux, n_dead
+
+
+class TopKSAE(base.SparseAutoencoder):
+  """Per-token TopK SAE with AuxK, unit-norm decoder rows and sparse kernels."""
+  name = 'topk'
+  unit_norm_decoder = True
+
+  def __init__(self, cfg, d_model):
+    super().__init__(cfg, d_model)
+    if not 0 < cfg.k <= self.n_latents:
+      raise ValueError(f'sae.k={cfg.k} must be in [1, n_latents={self.n_latents}]')
+    if not 0 <= cfg.aux_k <= self.n_latents:
+      raise ValueError(f'sae.aux_k={cfg.aux_k} must be in [0, n_latents={self.n_latents}]')
+    if cfg.aux_k_coefficient < 0:
+      raise ValueError(f'sae.aux_k_coefficient must be >= 0, got {cfg.aux_k_coefficient}')
+    kernels.check_block_size(self.n_latents, self.block_size, max(cfg.k, cfg.aux_k))
+
+  def init(self, key):
+    return self._tied_init(key, 1.0), {}
+
+  def _encode_sparse(self, params, x, dead_mask=None, *, k=None, batch_k_per_token=0):
+    """Runs the encoder kernel on x - b_dec; returns (x - b_dec, EncoderOutput).
+
+    Selects the per-token top `k` (default cfg.k), or in batch mode the batch top
+    B * batch_k_per_token from `k` candidates per token; AuxK when dead_mask is
+    given.
+
+    b_dec's gradient through the encoder (-W_enc @ d_b_enc) is routed through
+    the bias, whose value is unchanged, rather than through the kernel's x
+    input: then nothing needs the kernel's d_x, and XLA drops its gather loop.
+    """
+    b_dec = params['b_dec'].astype(jnp.float32)
+    x_in = x.astype(jnp.float32) - b_dec
+    shift = b_dec - lax.stop_gradient(b_dec)  # zero, with b_dec's gradient
+    b_enc = params['b_enc'].astype(jnp.float32) - jnp.dot(
+        shift, params['W_enc'].astype(jnp.float32))
+    aux_k = self.cfg.aux_k if dead_mask is not None else 0
+    spec = self._spec(k=self.cfg.k if k is None else k, aux_k=aux_k,
+                      aux_min_dead=aux_dense_cap(self), batch_k_per_token=batch_k_per_token)
+    enc = kernels.encode_select(lax.stop_gradient(x_in), params['W_enc'], b_enc, spec,
+                                aux_mask=dead_mask)
+    return x_in, enc
+
+  def forward(self, params, buffers, x, *, sparsity_coefficient, dead_mask):
+    del sparsity_coefficient  # the sparsity is fixed by k
+    x = x.astype(jnp.float32)
+    if dead_mask is None:
+      dead_mask = jnp.zeros((self.n_latents,), bool)
+    x_in, enc = self._encode_sparse(params, x, dead_mask)
+    acts = jax.nn.relu(enc.values)
+    x_hat = (kernels.sparse_decode(acts, enc.latents, params['W_dec'])
+             + params['b_dec'].astype(jnp.float32))
+    mse, fvu = base.reconstruction_metrics(x, x_hat)
+    aux, n_dead = aux_k_loss(self, params, enc, x_in, x - x_hat, dead_mask)
+    loss = mse + self.cfg.aux_k_coefficient * aux
+    metrics = {
+        'mse': mse, 'fvu': fvu, 'aux_k': aux, 'n_dead': n_dead,
+        'l0': jnp.sum((acts > 0).astype(jnp.float32)) / x.shape[0],
+    }
+    fired = kernels.count_fired(acts, enc.latents, self.n_latents)
+    return base.ForwardOutput(loss, metrics, fired, buffers)
+
+  def encode(self, params, buffers, x):
+    _, enc = self._encode_sparse(params, x)
+    return kernels.densify(jax.nn.relu(enc.values), enc.latents, self.n_latents)
+
+  def reconstruct(self, params, buffers, x):
+    _, enc = self._encode_sparse(params, x)
+    y = kernels.sparse_decode(jax.nn.relu(enc.values), enc.latents, params['W_dec'])
+    return y + params['b_dec'].astype(jnp.float32)

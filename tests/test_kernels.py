@@ -1,0 +1,292 @@
+"""Sparse kernels against the dense formulation: values and gradients, ties included."""
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dictlearn.sae import kernels
+
+B, D = 16, 8
+
+
+@pytest.fixture(params=['vectorized', 'loops'])
+def row_ops(request, monkeypatch):
+  """Runs a test with both forms of the sparse row gathers and scatters."""
+  if request.param == 'loops':
+    monkeypatch.setattr(kernels, '_VECTORIZE_MAX_ELEMENTS', 0)
+  return request.param
+
+
+def _close(a, b, tol=1e-5):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  np.testing.assert_allclose(a, b, rtol=tol, atol=tol * max(1.0, np.abs(b).max()))
+
+
+def _inputs(n, integer, seed=0):
+  """x, W_enc, b_enc, W_dec, target. Integer-valued entries make exact ties common."""
+  ks = jax.random.split(jax.random.key(seed), 5)
+  if integer:
+    x = jax.random.randint(ks[0], (B, D), -2, 3).astype(jnp.float32)
+    w = jax.random.randint(ks[1], (D, n), -2, 3).astype(jnp.float32)
+    b = jax.random.randint(ks[2], (n,), -1, 2).astype(jnp.float32)
+  else:
+    x = jax.random.normal(ks[0], (B, D))
+    w = jax.random.normal(ks[1], (D, n)) / np.sqrt(D)
+    b = 0.1 * jax.random.normal(ks[2], (n,))
+  w_dec = jax.random.normal(ks[3], (n, D))
+  target = jax.random.normal(ks[4], (B, D))
+  return x, w, b, w_dec, target
+
+
+def _dense_mask(pre, latents, tokens=None):
+  rows = jnp.arange(pre.shape[0])[:, None] if tokens is None else tokens
+  return jnp.zeros_like(pre).at[rows, latents].set(1.0)
+
+
+# ---- top-k ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize('n,k', [(1024, 4), (1024, 32), (64, 5)])
+def test_top_k_rows_matches_lax_with_ties(n, k):
+  scores = jax.random.randint(jax.random.key(n + k), (B, n), -3, 4).astype(jnp.float32)
+  scores = scores.at[0].set(0.0).at[1, :].set(-jnp.inf).at[1, 7].set(1.0)
+  v1, i1 = kernels.top_k_rows(scores, k)
+  v2, i2 = lax.top_k(scores, k)
+  np.testing.assert_array_equal(i1, i2)
+  np.testing.assert_array_equal(v1, v2)
+
+
+# ---- TopK encode + decode ---------------------------------------------------
+
+
+def _topk_pipeline_sparse(k, block_size=0):
+  def f(x, w, b, w_dec, target):
+    values, idx = kernels.topk_encode(x, w, b, k, block_size=block_size)
+    y = kernels.topk_decode(jax.nn.relu(values), idx, w_dec)
+    return jnp.sum((y - target) ** 2), (values, idx)
+  return f
+
+
+def _topk_pipeline_dense(k):
+  def f(x, w, b, w_dec, target):
+    pre = x @ w + b
+    _, idx = lax.top_k(pre, k)
+    acts = jax.nn.relu(pre) * _dense_mask(pre, idx)
+    y = acts @ w_dec
+    return jnp.sum((y - target) ** 2), (jnp.take_along_axis(pre, idx, 1), idx)
+  return f
+
+
+@pytest.mark.parametrize('n,k,integer', [(64, 5, False), (1024, 4, True)])
+def test_topk_sparse_matches_dense(n, k, integer, row_ops):
+  args = _inputs(n, integer)
+  grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True))
+  (l1, (v1, i1)), g1 = grad(_topk_pipeline_sparse(k))(*args)
+  (l2, (v2, i2)), g2 = grad(_topk_pipeline_dense(k))(*args)
+  np.testing.assert_array_equal(i1, i2)
+  _close(v1, v2)
+  _close(l1, l2)
+  for a, b in zip(g1, g2):
+    _close(a, b)
+
+
+def test_blocked_encoder_equals_unblocked():
+  n, k = 128, 6
+  args = _inputs(n, True, seed=3)  # integer-valued: many ties
+  dead = jnp.arange(n) % 3 == 0
+  specs = [kernels.EncoderSpec(k=k, aux_k=8, block_size=bs) for bs in (0, 32)]
+
+  def f(spec):
+    def loss(x, w, b):
+      out = kernels.encode_select(x, w, b, spec, aux_mask=dead)
+      return jnp.sum(jnp.sin(out.values)) + jnp.sum(jnp.cos(out.aux_values)), out
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+  (l1, o1), g1 = f(specs[0])(*args[:3])
+  (l2, o2), g2 = f(specs[1])(*args[:3])
+  np.testing.assert_array_equal(o1.latents, o2.latents)
+  np.testing.assert_array_equal(o1.aux_latents, o2.aux_latents)
+  _close(o1.values, o2.values)
+  _close(l1, l2)
+  for a, b in zip(g1, g2):
+    _close(a, b)
+  # The AuxK selection is the top-k among dead latents only.
+  pre = args[0] @ args[1] + args[2]
+  _, ref = lax.top_k(jnp.where(dead, pre, -jnp.inf), 8)
+  np.testing.assert_array_equal(o1.aux_latents, ref)
+
+
+def test_aux_selection_skipped_without_dead_latents():
+  x, w, b, _, _ = _inputs(64, False)
+  spec = kernels.EncoderSpec(k=4, aux_k=8)
+  out = kernels.encode_select(x, w, b, spec, aux_mask=jnp.zeros(64, bool))
+  assert out.aux_values.shape == (B, 8)
+  np.testing.assert_array_equal(out.aux_values, 0.0)
+
+
+def test_sparse_decode_with_tokens_matches_dense(row_ops):
+  n, m = 32, 5
+  ks = jax.random.split(jax.random.key(7), 4)
+  values = jax.random.normal(ks[0], (B, m))
+  latents = jax.random.randint(ks[1], (B, m), 0, n)
+  tokens = jax.random.randint(ks[2], (B, m), 0, B)
+  w_dec = jax.random.normal(ks[3], (n, D))
+
+  def dense(values, w_dec):
+    acts = jnp.zeros((B, n)).at[tokens, latents].add(values)
+    return jnp.sum(jnp.tanh(acts @ w_dec))
+
+  def sparse(values, w_dec):
+    return jnp.sum(jnp.tanh(kernels.sparse_decode(values, latents, w_dec, tokens=tokens)))
+
+  (l1, g1), (l2, g2) = [jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(values, w_dec)
+                        for f in (sparse, dense)]
+  _close(l1, l2)
+  for a, b in zip(g1, g2):
+    _close(a, b)
+
+
+# ---- BatchTopK selection ----------------------------------------------------
+
+
+def _batch_pipeline(spec):
+  def f(x, w, b, w_dec, target):
+    out = kernels.encode_select(x, w, b, spec)
+    y = kernels.sparse_decode(jax.nn.relu(out.values), out.latents, w_dec, tokens=out.tokens)
+    return jnp.sum((y - target) ** 2), out
+  return f
+
+
+def _batch_pipeline_dense(k):
+  def f(x, w, b, w_dec, target):
+    pre = x @ w + b
+    _, pos = lax.top_k(jax.nn.relu(pre).reshape(-1), k * B)
+    mask = jnp.zeros(pre.size).at[pos].set(1.0).reshape(pre.shape)
+    y = (jax.nn.relu(pre) * mask) @ w_dec
+    return jnp.sum((y - target) ** 2), mask
+  return f
+
+
+@pytest.mark.parametrize('capacity,integer,block_size', [
+    (0, False, 0), (6, False, 0), (6, True, 0), (3, False, 0), (6, True, 16)])
+def test_batch_selection_matches_dense(capacity, integer, block_size, monkeypatch):
+  if block_size:  # also covers the looped row ops with tokens
+    monkeypatch.setattr(kernels, '_VECTORIZE_MAX_ELEMENTS', 0)
+  n, k = 64, 3
+  args = _inputs(n, integer, seed=11)
+  spec = kernels.EncoderSpec(k=capacity, batch_k_per_token=k, block_size=block_size)
+  grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True))
+  (l1, out), g1 = grad(_batch_pipeline(spec))(*args)
+  (l2, mask), g2 = grad(_batch_pipeline_dense(k))(*args)
+  assert out.values.shape == (B, k)  # exactly k * B triples
+  kept = np.zeros((B, n))
+  np.add.at(kept, (np.asarray(out.tokens), np.asarray(out.latents)),
+            np.asarray(out.values) > 0)
+  ref = np.asarray(mask) * (np.asarray(args[0] @ args[1] + args[2]) > 0)
+  np.testing.assert_array_equal(kept, ref)
+  _close(l1, l2)
+  for a, b in zip(g1, g2):
+    _close(a, b)
+  if capacity == k:  # k candidates per token cannot hold a varying count
+    assert bool(out.overflow)
+
+
+def test_batch_selection_overflow_flag():
+  # One token dominates: it needs all of the k * B slots.
+  n, k = 64, 2
+  x, w, b, _, _ = _inputs(n, False)
+  x = x.at[0].set(100.0 * jnp.sign(w.sum(1)))
+  spec = kernels.EncoderSpec(k=8, batch_k_per_token=k)
+  out = kernels.encode_select(x, w, b, spec)
+  assert bool(out.overflow)
+  assert int(jnp.sum(out.tokens == 0)) > 8
+
+
+# ---- capacity ----------------------------------------------------------------
+
+
+def test_capacity_select_overflow():
+  n = 64
+  x, w, b, _, _ = _inputs(n, True)
+  pre = x @ w + b
+  nnz = int(jnp.max(jnp.sum(pre > 0, axis=1)))
+  values, latents, overflow = kernels.capacity_select(x, w, b, nnz)
+  assert not bool(overflow)
+  acts = jax.nn.relu(pre)
+  _close(kernels.densify(jax.nn.relu(values), latents, n), acts)
+  _, _, overflow = kernels.capacity_select(x, w, b, nnz - 1)
+  assert bool(overflow)
+  # With a threshold and margin: entries with (pre - theta) + margin > 0 count.
+  theta = jnp.full((n,), 1.0)
+  need = int(jnp.max(jnp.sum((pre - theta) + 0.5 > 0, axis=1)))
+  assert not bool(kernels.capacity_select(x, w, b, need, threshold=theta, margin=0.5)[2])
+  assert bool(kernels.capacity_select(x, w, b, need - 1, threshold=theta, margin=0.5)[2])
+
+
+# ---- sharding and dtype ------------------------------------------------------
+
+
+def test_sharded_matches_unsharded():
+  n, k = 1024, 4  # wide enough for the grouped top-k
+  x, w, b, w_dec, target = _inputs(n, False, seed=5)
+  dead = jnp.arange(n) % 64 == 1
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ('data', 'model'))
+  put = lambda a, *spec: jax.device_put(a, NamedSharding(mesh, P(*spec)))
+
+  def loss(x, w, b, w_dec, target):
+    out = kernels.encode_select(x, w, b, kernels.EncoderSpec(k=k, aux_k=6), aux_mask=dead)
+    y = kernels.sparse_decode(jax.nn.relu(out.values), out.latents, w_dec)
+    e = kernels.sparse_decode(jax.nn.relu(out.aux_values), out.aux_latents, w_dec)
+    return jnp.sum((y - target) ** 2) + jnp.sum(e ** 2)
+
+  f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+  l1, g1 = f(x, w, b, w_dec, target)
+  sharded = (put(x, 'data', None), put(w, None, 'model'), put(b, 'model'),
+             put(w_dec, 'model', None), put(target, 'data', None))
+  l2, g2 = f(*sharded)
+  assert g2[1].sharding.spec == P(None, 'model') or len(g2[1].sharding.device_set) == 8
+  _close(l1, l2)
+  for a, c in zip(g1, g2):
+    _close(a, c)
+
+
+def test_bfloat16_matmul_close_to_float32():
+  x, w, b, _, _ = _inputs(64, False)
+  spec32 = kernels.EncoderSpec(k=4)
+  spec16 = kernels.EncoderSpec(k=4, dtype='bfloat16')
+  o32 = kernels.encode_select(x, w, b, spec32)
+  o16 = kernels.encode_select(x, w, b, spec16)
+  assert o16.values.dtype == jnp.float32
+  pre16 = jnp.dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16),
+                  preferred_element_type=jnp.float32) + b
+  np.testing.assert_allclose(o16.values, jnp.take_along_axis(pre16, o16.latents, 1),
+                             rtol=1e-6)
+  np.testing.assert_allclose(o16.values, o32.values, atol=0.05)
+
+
+@pytest.mark.parametrize('n_dead', [12, 5])
+def test_aux_selection_among_few_dead_latents(n_dead):
+  # At most n / 8 dead: the selection runs over the gathered dead latents.
+  n, aux_k = 128, 8
+  x, w, b, _, _ = _inputs(n, True, seed=2)
+  dead = jnp.zeros(n, bool).at[jnp.arange(n_dead) * 9 + 3].set(True)
+  out = kernels.encode_select(x, w, b, kernels.EncoderSpec(k=4, aux_k=aux_k), aux_mask=dead)
+  pre = x @ w + b
+  ref_values, ref = lax.top_k(jnp.where(dead, pre, -jnp.inf), aux_k)
+  np.testing.assert_array_equal(out.aux_latents, ref)
+  _close(out.aux_values, jnp.take_along_axis(pre, ref, 1))
+
+
+def test_aux_selection_skipped_with_few_dead_latents():
+  # aux_min_dead: the caller handles up to that many dead latents itself.
+  x, w, b, _, _ = _inputs(64, False)
+  dead = jnp.arange(64) < 6
+  for block_size in (0, 16):
+    spec = kernels.EncoderSpec(k=4, aux_k=4, aux_min_dead=6, block_size=block_size)
+    out = kernels.encode_select(x, w, b, spec, aux_mask=dead)
+    np.testing.assert_array_equal(out.aux_values, 0.0)
+    spec = kernels.EncoderSpec(k=4, aux_k=4, aux_min_dead=5, block_size=block_size)
+    out = kernels.encode_select(x, w, b, spec, aux_mask=dead)
+    assert bool(jnp.all(dead[out.aux_latents]))
