@@ -1,0 +1,199 @@
+"""Benchmark: tokens/s of the full SAE training step against the hardware ceiling and peers.
+
+    python tools/bench_train.py [--shapes 576x16384 576x65536] [--batch 4096] [--k 32]
+                                [--arch topk batchtopk relu_l1 jumprelu] [--rounds 3]
+                                [--peers .peers/bin/python] [--loader]
+
+For each architecture and shape: the median time of the whole jitted train step
+(forward, loss, backward, gradient processing, Adam, decoder renormalisation,
+latent statistics) as `dictlearn.train.trainer.make_train_step` builds it; the
+ceiling, the encoder matmul [batch, d] @ [d, n] alone, timed in the same run;
+and, when the peers' virtual environment exists (`../shared/bench/peers/README.md`),
+SAELens and EleutherAI sparsify on the same shapes, alternated with dictlearn
+round by round, with ratios. `--loader` adds the loader's throughput from a zarr
+store and the share of step time spent waiting for data in a real training run.
+"""
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dictlearn import sharding as sharding_lib  # noqa: E402
+from dictlearn.sae import make_sae  # noqa: E402
+from dictlearn.train import schedules  # noqa: E402
+from dictlearn.train import state as state_lib  # noqa: E402
+from dictlearn.train.trainer import make_train_step  # noqa: E402
+from experiments import base  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEERS = os.path.join(os.path.dirname(REPO), 'shared', 'bench', 'peers')
+
+
+def bench_config(arch: str, n_latents: int, batch: int, k: int, steps: int):
+  c = base.get_config()
+  c.unlock()
+  c.sae.architecture, c.sae.n_latents, c.sae.k = arch, n_latents, k
+  c.sae.aux_k = 512
+  c.sae.sparsity_coefficient = 1.0
+  c.sae.sparse_capacity = 4 * k if arch in ('relu_l1', 'jumprelu') else 0
+  c.train.batch_size, c.train.num_steps = batch, steps
+  c.mesh.shape = (1, 1)
+  c.lock()
+  return c
+
+
+def time_train_step(arch: str, d: int, n: int, batch: int, k: int, repeats: int) -> float:
+  """Median seconds of one full training step (compiled once, state donated)."""
+  config = bench_config(arch, n, batch, k, steps=1000)
+  mesh = sharding_lib.make_mesh(config.mesh.shape, config.mesh.axis_names)
+  rules = config.mesh.logical_axis_rules
+  sae = make_sae(config.sae, d)
+  tx = schedules.make_optimizer(config.optim, config.train.num_steps)
+  _, shardings = state_lib.state_shardings(sae, tx, config.seed, mesh, rules)
+  state = state_lib.create_state(sae, tx, config.seed, shardings)
+  data_sharding = sharding_lib.batch_sharding(mesh, rules)
+  step = jax.jit(make_train_step(sae, tx, config), in_shardings=(shardings, data_sharding),
+                 out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
+  x = jax.device_put(jax.random.normal(jax.random.key(1), (batch, d)) * 1.0, data_sharding)
+  for _ in range(2):  # compile, and let the sparse paths see trained-ish statistics
+    state, metrics = step(state, x)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    state, metrics = step(state, x)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def time_ceiling(d: int, n: int, batch: int, repeats: int) -> float:
+  """Median seconds of the encoder matmul alone: no SAE step can be faster."""
+  x = jax.random.normal(jax.random.key(0), (batch, d))
+  w = jax.random.normal(jax.random.key(1), (d, n)) / np.sqrt(d)
+  matmul = jax.jit(lambda a, b: a @ b)
+  jax.block_until_ready(matmul(x, w))
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(matmul(x, w))
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def run_peer(python: str, script: str, args: list, timeout: int = 1800) -> float | None:
+  """tokens/s a peer script prints, or None when it failed (message printed)."""
+  cmd = [python, os.path.join(PEERS, script)] + [str(a) for a in args]
+  try:
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    print(f'  peer {script} {args}: timed out after {timeout} s', flush=True)
+    return None
+  match = re.search(r'([\d.]+) tokens/s', out.stdout)
+  if out.returncode or not match:
+    tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ['?']
+    print(f'  peer {script} {args}: failed ({tail[0][:200]})', flush=True)
+    return None
+  return float(match.group(1))
+
+
+def peer_runs(arch: str, d: int, n: int, batch: int, k: int, steps: int):
+  """(label, script, args) of the peers that run this architecture."""
+  if arch in ('topk', 'batchtopk'):
+    return [('sparsify topk', 'sparsify_step.py', [d, n, batch, k, steps]),
+            ('SAELens topk', 'saelens_step.py', ['topk', d, n, batch, k, steps])]
+  if arch in ('relu_l1', 'jumprelu'):
+    return [('SAELens standard', 'saelens_step.py', ['standard', d, n, batch, k, steps])]
+  return []
+
+
+def bench_loader(d: int, batch: int, steps: int) -> None:
+  """Loader rows/s from a zarr store, and data wait as a share of a real run's step time."""
+  from dictlearn.data import loader as loader_lib
+  from dictlearn.data import store as store_lib
+  from dictlearn.train.trainer import train_and_evaluate
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, 'store')
+    writer = store_lib.StoreWriter(path, d, metadata={'model': 'random', 'site': 'bench'})
+    rng = np.random.default_rng(0)
+    rows = batch * 16
+    for start in range(0, rows, 8192):
+      writer.append(rng.normal(size=(min(8192, rows - start), d)).astype(np.float32))
+    writer.finish()
+    reader = store_lib.StoreReader(path)
+    mesh = sharding_lib.make_mesh((1, 1), ('data', 'model'))
+    sharding = sharding_lib.batch_sharding(mesh, base.get_config().mesh.logical_axis_rules)
+    with loader_lib.Loader(reader, batch_size=batch, seed=0, shuffle_window_chunks=16,
+                           heldout_tokens=0, scale=1.0, sharding=sharding, prefetch=4) as loader:
+      it = iter(loader)
+      jax.block_until_ready(next(it))
+      t = time.perf_counter()
+      for _ in range(steps):
+        jax.block_until_ready(next(it))
+      rate = steps * batch / (time.perf_counter() - t)
+    print(f'loader: {rate:,.0f} rows/s of d_model {d} f32 from a local zarr3 store')
+    config = bench_config('topk', 16384, batch, 32, steps=steps)
+    config.unlock()
+    config.data.store, config.data.heldout_tokens = path, 0
+    config.train.log_every, config.train.checkpoint_every = steps, 10 ** 9
+    config.train.eval_batches = 0
+    config.lock()
+    summary = train_and_evaluate(config, os.path.join(tmp, 'run'))
+    print(f"training run (topk 16384, batch {batch}, {steps} steps): data wait = "
+          f"{100 * summary['train']['data_wait_fraction']:.2f}% of step time, "
+          f"{summary['train']['tokens_per_second']:,.0f} tokens/s")
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description='SAE training-step throughput vs ceiling and peers')
+  p.add_argument('--shapes', nargs='+', default=['576x16384', '576x65536'])
+  p.add_argument('--batch', type=int, default=4096)
+  p.add_argument('--k', type=int, default=32)
+  p.add_argument('--arch', nargs='+', default=['topk', 'batchtopk', 'relu_l1', 'jumprelu'])
+  p.add_argument('--rounds', type=int, default=3, help='alternations with the peers')
+  p.add_argument('--repeats', type=int, default=3, help='timed steps per round')
+  p.add_argument('--peers', default=os.path.join(REPO, '.peers', 'bin', 'python'))
+  p.add_argument('--no-peers', action='store_true')
+  p.add_argument('--loader', action='store_true', help='also benchmark the loader')
+  args = p.parse_args(argv)
+  use_peers = not args.no_peers and os.path.exists(args.peers)
+  print(f'devices: {jax.devices()}; batch {args.batch}, k {args.k}; peers: '
+        f'{args.peers if use_peers else "none"}', flush=True)
+  rows = []
+  for shape in args.shapes:
+    d, n = (int(v) for v in shape.split('x'))
+    ceiling = time_ceiling(d, n, args.batch, 5)
+    for arch in args.arch:
+      ours, peers = [], {}
+      for _ in range(args.rounds):
+        ours.append(args.batch / time_train_step(arch, d, n, args.batch, args.k, args.repeats))
+        if use_peers:
+          for label, script, peer_args in peer_runs(arch, d, n, args.batch, args.k, args.repeats):
+            rate = run_peer(args.peers, script, peer_args)
+            if rate is not None:
+              peers.setdefault(label, []).append(rate)
+      rate = statistics.median(ours)
+      ceiling_rate = args.batch / ceiling
+      row = (f'{arch:10s} d={d} n={n:<7d} {rate:10,.0f} tok/s  ceiling {ceiling_rate:10,.0f} '
+             f'tok/s  {100 * rate / ceiling_rate:5.1f}% of ceiling')
+      for label, rates in peers.items():
+        row += f'  | {label} {statistics.median(rates):,.0f} tok/s, x{rate / statistics.median(rates):.2f}'
+      print(row, flush=True)
+      rows.append(row)
+  if args.loader:
+    bench_loader(576, args.batch, steps=20)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
