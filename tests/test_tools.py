@@ -1,0 +1,39 @@
+"""The inspection tools and the evaluation command, run as a user runs them."""
+import json
+import os
+import subprocess
+import sys
+
+from dictlearn.train.trainer import train_and_evaluate
+from experiments import tiny
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(args):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  result = subprocess.run([sys.executable] + args, cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
+def test_inspect_checkpoint_store_and_evals(tmp_path):
+  config = tiny.get_config()
+  config.unlock()
+  config.mesh.shape = (2, 4)
+  config.lock()
+  summary = train_and_evaluate(config, str(tmp_path))
+  info = json.loads(run(['tools/inspect_checkpoint.py', '--workdir', str(tmp_path), '--json']))
+  assert info['step'] == 20 and info['architecture'] == 'topk'
+  assert info['parameters']['W_dec']['shape'] == [128, 16]
+  assert "'model'" in info['parameters']['W_dec']['sharding']  # saved latent-sharded
+  assert abs(info['decoder_norms']['mean'] - 1) < 1e-4  # topk keeps unit decoder rows
+  assert info['last_eval_metrics']['fvu'] == summary['eval']['fvu']
+  text = run(['tools/inspect_checkpoint.py', '--workdir', str(tmp_path), '--step', '10'])
+  assert 'step       10' in text and 'decoder row norms' in text
+  store_text = run(['tools/inspect_store.py', str(tmp_path / 'data')])
+  assert '16384' in store_text
+  evaluation = json.loads(run(['-m', 'dictlearn.evals', '--workdir', str(tmp_path)]))
+  assert abs(evaluation['fvu'] - summary['eval']['fvu']) < 1e-5
+  assert evaluation['step'] == 20
