@@ -36,8 +36,9 @@ def make_manager(directory: str, *, keep: int = 3, read_only: bool = False,
   options = ocp.CheckpointManagerOptions(
       max_to_keep=None if read_only else keep, create=not read_only, read_only=read_only,
       enable_async_checkpointing=async_save)
-  return ocp.CheckpointManager(_abs(directory), options=options,
-                               item_names=('state', 'config', 'run'))
+  handlers = {'state': ocp.StandardCheckpointHandler(), 'config': ocp.JsonCheckpointHandler(),
+              'run': ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(_abs(directory), options=options, item_handlers=handlers)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: dict, config_dict: dict,
@@ -105,8 +106,13 @@ def restore_arrays(directory: str, step: int | None = None) -> tuple[int, dict]:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no checkpoint under {directory}')
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return step, jax.tree.map(lambda x: x, restored['state'])
+    # Onto this process's first device, whatever mesh the checkpoint was saved from.
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          manager.item_metadata(step)['state'].tree)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))
+    return step, restored['state']
   finally:
     manager.close()
 
