@@ -63,7 +63,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.getLogger().setLevel(logging.INFO)
-  logging.getLogger('absl').setLevel(logging.WARNING)
+  logging.getLogger('absl').setLevel(logging.ERROR)
   summary = run(_CONFIG.value, _WORKDIR.value)
   print('\n'.join([
       f"SAE on {summary['site']} ({summary['harvested_tokens']:,} harvested tokens): "

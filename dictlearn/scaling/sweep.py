@@ -247,7 +247,7 @@ def main(argv=None) -> int:
     print('\n'.join(commands(sweep, args.out)))
     return 0
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
-  logging.getLogger('absl').setLevel(logging.WARNING)
+  logging.getLogger('absl').setLevel(logging.ERROR)
   records = run_sweep(sweep, args.out) if args.action == 'run' else collect(sweep, args.out)
   print(f'{len(records)} records in {os.path.join(args.out, RESULTS)}')
   return 0

@@ -19,7 +19,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.getLogger().setLevel(logging.INFO)
-  logging.getLogger('absl').setLevel(logging.WARNING)  # orbax's per-save chatter
+  logging.getLogger('absl').setLevel(logging.ERROR)  # orbax's per-save chatter
   summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   print(json.dumps(summary, indent=2, default=str))
 
