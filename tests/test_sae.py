@@ -404,10 +404,12 @@ TRAINING = {
     'topk': (dict(k=4, aux_k=32), 600, 2e-3, 1024, 0.9),
     'relu_l1': (dict(sparsity_coefficient=2.0), 1000, 1e-3, 256, 0.9),
     # BatchTopK and JumpReLU settle with many true directions only partly
-    # absorbed on this toy (mean best cosine ~0.85-0.9); see the module notes.
-    'batchtopk': (dict(k=4, aux_k=32, aux_k_coefficient=0.5), 1000, 2e-3, 512, 0.4),
-    'jumprelu': (dict(sparsity_coefficient=2.0, jumprelu_bandwidth=0.5,
-                      jumprelu_threshold_init=1.0), 1000, 5e-3, 1024, 0.5),
+    # absorbed in 1000 steps (measured: batchtopk 0.67, jumprelu 0.70; with the
+    # earlier lr 2e-3 / lambda 2.0, 0.48 and 0.61); tests/test_ground_truth.py
+    # has the longer runs and the reasons.
+    'batchtopk': (dict(k=4, aux_k=32, aux_k_coefficient=0.5), 1000, 6e-3, 512, 0.6),
+    'jumprelu': (dict(sparsity_coefficient=4.0, jumprelu_bandwidth=0.5,
+                      jumprelu_threshold_init=1.0), 1000, 5e-3, 1024, 0.6),
 }
 
 

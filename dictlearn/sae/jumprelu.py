@@ -22,6 +22,15 @@ E||x||^2 = d_model, pre-activations are sqrt(d_model) larger and mse d_model
 times larger, so their (theta_init, eps, lambda) map to
 (sqrt(d) theta_init, sqrt(d) eps, d lambda).
 
+Two limits of this recipe matter for short runs. Under Adam, log_threshold
+moves by at most about the learning rate per step, so theta can change by at
+most a factor exp(lr * steps): Gemma Scope's small theta_init suits runs of
+10^5 steps, while a run of a few thousand needs theta_init near where the
+thresholds end up (about the pre-activation scale, ~1 here with unit decoder
+rows). And nothing revives a latent whose pre-activations stay below
+theta - eps / 2, since no gradient reaches it; on the synthetic ground truth
+about 60% of the latents die that way (tests/test_ground_truth.py).
+
 With `sparse_capacity` C > 0, each token's entries with z > theta - eps (the
 active ones and those inside the kernel band, i.e. every entry with a non-zero
 gradient) are followed sparsely, up to C; a batch where some token has more is
