@@ -154,3 +154,12 @@ def test_unknown_config_key_on_command_line(tmp_path):
   assert result.returncode != 0
   assert b"config.sae has no field 'kk'" in result.stderr
   assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_batchtopk_threshold_is_learned_and_saved(tmp_path):
+  summary = train_and_evaluate(tiny_config(**{'sae.architecture': 'batchtopk',
+                                              'train.num_steps': 60}), str(tmp_path))
+  threshold = float(final_state(tmp_path)['buffers']['threshold'])
+  assert threshold > 0
+  # Inference with the learned threshold keeps about k latents per token.
+  assert 1 <= summary['eval']['l0'] <= 3 * 4, summary['eval']

@@ -29,8 +29,19 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-# Latents per group in the two-stage exact top-k (`top_k_rows`).
-_TOPK_GROUP = 32
+# The two-stage exact top-k (`top_k_rows`) splits rows into groups of about
+# sqrt(width / k) latents (a power of two in this range) and needs at least
+# _TOPK_MIN_GROUPS_PER_K * k groups; narrower rows use lax.top_k directly.
+_TOPK_GROUP_RANGE = (8, 128)
+_TOPK_MIN_GROUPS_PER_K = 4
+# The unblocked encoder runs over tiles of rows whose [rows, n] float32
+# pre-activations take about this many bytes (and at least _MIN_TILE_ROWS rows,
+# so that each pass over W_enc serves many tokens).
+_TILE_BYTES = 32 << 20
+_MIN_TILE_ROWS = 512
+# The blocked encoder collects each block's candidates and selects once when
+# there are at most this many per token; beyond, it merges block by block.
+_MAX_COLLECTED = 2048
 # Gathers of at most this many elements ([B, m, d]) are vectorised, not looped.
 _VECTORIZE_MAX_ELEMENTS = 1 << 21
 
@@ -40,32 +51,75 @@ _VECTORIZE_MAX_ELEMENTS = 1 << 21
 # ---------------------------------------------------------------------------
 
 
+def _group_size(n, k):
+  """Latents per group for the two-stage top-k, or 0 when lax.top_k is better."""
+  lo, hi = _TOPK_GROUP_RANGE
+  g = lo
+  while g < hi and g * g * 2 <= n // k:
+    g *= 2
+  if n % g or n // g < _TOPK_MIN_GROUPS_PER_K * k:
+    return 0
+  return g
+
+
+def _mask_below_kth_bound(v, k):
+  """Sets to -inf the entries of v [..., m] that cannot be among its top k.
+
+  Splits v into k contiguous runs (the tail past k * (m // k) joins none): each
+  run's maximum is an entry of v, so at least k entries are >= the smallest run
+  maximum, and so is the k-th largest. Entries below that bound are masked;
+  entries equal to it are kept, so ties are unaffected. Masked entries make
+  lax.top_k cheap (it is dominated by insertions into its heap)."""
+  runs = v.shape[-1] // k
+  if runs < 2:
+    return v
+  lead = v.shape[:-1]
+  run_max = v[..., :k * runs].reshape(*lead, k, runs).max(axis=-1)
+  bound = jnp.min(run_max, axis=-1, keepdims=True)
+  return jnp.where(v >= bound, v, -jnp.inf)
+
+
 def top_k_rows(scores, k):
   """Top-k along the last axis; same values and indices as `lax.top_k`.
 
-  For small k relative to the width, runs in two stages: the k groups of
-  `_TOPK_GROUP` latents with the largest maxima must hold the top k (any group
-  outside them has a maximum no larger than the k-th value), so a top-k over the
-  group maxima followed by a top-k over those k groups' members is exact.
-  Groups are taken in index order, which keeps the lower-index-first tie rule.
+  When k is small relative to the width, runs in two stages over groups of g
+  latents: the k groups with the largest maxima must hold the top k (any group
+  outside them has a maximum no larger than the k-th value), so a top-k over
+  the group maxima followed by a top-k over those k groups' members is exact.
+  The groups are gathered in index order, which keeps lax's tie rule (equal
+  values: the lower index first). Both stages mask entries below a lower bound
+  of the k-th value first (`_mask_below_kth_bound`; in the second stage the
+  k-th largest group maximum), which cuts lax.top_k's cost on CPU about 3x.
+  NaN scores are not supported.
 
   Args:
-    scores: [..., n] array.
+    scores: [R, n] or [n] array.
     k: number of entries to keep (static).
 
   Returns:
     (values, indices), each [..., k]; indices int32.
   """
   n = scores.shape[-1]
-  g = _TOPK_GROUP
-  if n % g or k * g * 8 > n:
+  g = _group_size(n, k)
+  if not g:
     return lax.top_k(scores, k)
-  lead = scores.shape[:-1]
-  grouped = scores.reshape(*lead, n // g, g)
-  _, groups = lax.top_k(grouped.max(axis=-1), k)
+  if scores.ndim == 1:
+    values, indices = top_k_rows(scores[None], k)
+    return values[0], indices[0]
+  rows, n_groups = scores.shape[0], n // g
+  grouped = scores.reshape(rows, n_groups, g)
+  group_max, groups = lax.top_k(_mask_below_kth_bound(grouped.max(axis=-1), k), k)
+  # The k-th largest group maximum bounds the k-th value from below. (A
+  # reduction, not a slice: a sliced top-k becomes a full sort on CPU.)
+  floor = jnp.min(group_max, axis=-1, keepdims=True)
   groups = jnp.sort(groups, axis=-1)
-  candidates = jnp.take_along_axis(grouped, groups[..., None], axis=-2)
-  values, pos = lax.top_k(candidates.reshape(*lead, k * g), k)
+  # One gather of whole groups (rows of g) from the flattened [rows * groups, g].
+  flat = (jnp.arange(rows, dtype=jnp.int32)[:, None] * n_groups + groups).reshape(-1)
+  candidates = jnp.take(grouped.reshape(rows * n_groups, g), flat, axis=0,
+                        indices_are_sorted=True, unique_indices=True, mode='clip')
+  candidates = candidates.reshape(rows, k * g)
+  _, pos = lax.top_k(jnp.where(candidates >= floor, candidates, -jnp.inf), k)
+  values = jnp.take_along_axis(candidates, pos, axis=-1)
   indices = jnp.take_along_axis(groups, pos // g, axis=-1) * g + pos % g
   return values, indices.astype(jnp.int32)
 
@@ -75,13 +129,31 @@ def top_k_rows(scores, k):
 # ---------------------------------------------------------------------------
 
 
-def _vectorize(weights, d):
-  """Small problems run as one gather and reduction: a loop's per-iteration cost
-  would dominate. Large ones loop over columns so [B, m, d] is never formed."""
-  return weights.size * d <= _VECTORIZE_MAX_ELEMENTS
+def _row_tile(rows, m, d):
+  """Rows of entries handled per step of the row-op loops.
+
+  A step gathers or scatters [tile, m, d] elements as one vectorised op; the
+  largest divisor of `rows` that keeps this within _VECTORIZE_MAX_ELEMENTS (all
+  rows at once for small problems, where a loop's per-step cost would dominate).
+  """
+  target = max(1, _VECTORIZE_MAX_ELEMENTS // max(1, m * d))
+  if target >= rows:
+    return rows
+  return max(t for t in range(1, target + 1) if rows % t == 0)
 
 
-def _weighted_row_sum(weights, latents, table, tokens):
+def _tiled(a, tile):
+  """[R, ...] -> [tile, R // tile, ...]: step i takes rows i, i + T, ... (T steps).
+
+  The leading axis keeps any sharding of the rows; loops run along axis 1."""
+  return a.reshape(tile, a.shape[0] // tile, *a.shape[1:])
+
+
+def _step(a, i):
+  return lax.dynamic_index_in_dim(a, i, axis=1, keepdims=False)
+
+
+def _weighted_row_sum(weights, latents, table, tokens, init=None):
   """out[r] += weights[r, j] * table[latents[r, j]] (into row tokens[r, j] if given).
 
   Args:
@@ -89,6 +161,7 @@ def _weighted_row_sum(weights, latents, table, tokens):
     latents: [R, m] int32 rows of `table`.
     table: [n, d].
     tokens: None (entry [r, j] belongs to row r) or [R, m] int32 output rows.
+    init: optional [R, d] float32 to accumulate into (default zeros).
 
   Returns:
     [R, d] float32.
@@ -96,24 +169,32 @@ def _weighted_row_sum(weights, latents, table, tokens):
   rows, m = weights.shape
   d = table.shape[1]
   weights = weights.astype(jnp.float32)
-  if _vectorize(weights, d):
-    contrib = table[latents].astype(jnp.float32) * weights[..., None]
+  out = jnp.zeros((rows, d), jnp.float32) if init is None else init
+
+  def contrib(w, lat):
+    return table[lat].astype(jnp.float32) * w[..., None]
+
+  tile = _row_tile(rows, m, d)
+  if tile == rows:
     if tokens is None:
-      return jnp.sum(contrib, axis=1)
-    return jax.ops.segment_sum(contrib.reshape(-1, d), tokens.reshape(-1), num_segments=rows)
-  weights_t, latents_t = weights.T, latents.T
-  tokens_t = None if tokens is None else tokens.T
+      return out + jnp.sum(contrib(weights, latents), axis=1)
+    return out.at[tokens.reshape(-1)].add(contrib(weights, latents).reshape(-1, d))
+  w3, l3 = _tiled(weights, tile), _tiled(latents, tile)
+  if tokens is None:
+    def body(i, out3):
+      new = _step(out3, i) + jnp.sum(contrib(_step(w3, i), _step(l3, i)), axis=1)
+      return lax.dynamic_update_index_in_dim(out3, new, i, axis=1)
+    return lax.fori_loop(0, rows // tile, body, _tiled(out, tile)).reshape(rows, d)
+  t3 = _tiled(tokens, tile)
 
-  def body(j, out):
-    contrib = table[latents_t[j]].astype(jnp.float32) * weights_t[j][:, None]
-    if tokens_t is None:
-      return out + contrib
-    return out.at[tokens_t[j]].add(contrib)
+  def body_tokens(i, out):
+    c = contrib(_step(w3, i), _step(l3, i)).reshape(-1, d)
+    return out.at[_step(t3, i).reshape(-1)].add(c)
 
-  return lax.fori_loop(0, m, body, jnp.zeros((rows, d), jnp.float32))
+  return lax.fori_loop(0, rows // tile, body_tokens, out)
 
 
-def _scatter_rows(weights, latents, source, tokens, n):
+def _scatter_rows(weights, latents, source, tokens, n, init=None):
   """out[latents[r, j]] += weights[r, j] * source[tokens[r, j] or r].
 
   Args:
@@ -122,43 +203,59 @@ def _scatter_rows(weights, latents, source, tokens, n):
     source: [R, d] rows to scatter.
     tokens: None or [R, m] int32 rows of `source`.
     n: number of output rows.
+    init: optional [n, d] float32 to accumulate into (default zeros).
 
   Returns:
     [n, d] float32.
   """
+  rows, m = weights.shape
   d = source.shape[1]
   weights = weights.astype(jnp.float32)
   source = source.astype(jnp.float32)
-  if _vectorize(weights, d):
-    src = source[:, None, :] if tokens is None else source[tokens]
-    contrib = (src * weights[..., None]).reshape(-1, d)
-    return jax.ops.segment_sum(contrib, latents.reshape(-1), num_segments=n)
-  weights_t, latents_t = weights.T, latents.T
-  tokens_t = None if tokens is None else tokens.T
+  out = jnp.zeros((n, d), jnp.float32) if init is None else init
 
-  def body(j, out):
-    src = source if tokens_t is None else source[tokens_t[j]]
-    return out.at[latents_t[j]].add(src * weights_t[j][:, None])
+  def add(out, w, lat, src):  # src: [t, d] (row r's) or [t, m, d]
+    if src.ndim == 2:
+      src = src[:, None, :]
+    return out.at[lat.reshape(-1)].add((src * w[..., None]).reshape(-1, d))
 
-  return lax.fori_loop(0, weights.shape[1], body, jnp.zeros((n, d), jnp.float32))
+  tile = _row_tile(rows, m, d)
+  if tile == rows:
+    return add(out, weights, latents, source if tokens is None else source[tokens])
+  w3, l3 = _tiled(weights, tile), _tiled(latents, tile)
+  src3 = _tiled(source, tile) if tokens is None else None
+  t3 = None if tokens is None else _tiled(tokens, tile)
+
+  def body(i, out):
+    src = _step(src3, i) if tokens is None else source[_step(t3, i)]
+    return add(out, _step(w3, i), _step(l3, i), src)
+
+  return lax.fori_loop(0, rows // tile, body, out)
 
 
 def _row_dots(rows_src, latents, table, tokens):
   """out[r, j] = <rows_src[tokens[r, j] or r], table[latents[r, j]]>, [R, m] float32."""
+  rows, m = latents.shape
   rows_src = rows_src.astype(jnp.float32)
-  if _vectorize(latents, table.shape[1]):
-    src = rows_src[:, None, :] if tokens is None else rows_src[tokens]
-    return jnp.sum(src * table[latents].astype(jnp.float32), axis=-1)
-  latents_t = latents.T
-  tokens_t = None if tokens is None else tokens.T
 
-  def body(j, out):
-    src = rows_src if tokens_t is None else rows_src[tokens_t[j]]
-    dots = jnp.sum(src * table[latents_t[j]].astype(jnp.float32), axis=-1)
-    return out.at[j].set(dots)
+  def dots(src, lat):  # src: [t, d] or [t, m, d]
+    if src.ndim == 2:
+      src = src[:, None, :]
+    return jnp.sum(src * table[lat].astype(jnp.float32), axis=-1)
 
-  out = jnp.zeros(latents_t.shape, jnp.float32)
-  return lax.fori_loop(0, latents_t.shape[0], body, out).T
+  tile = _row_tile(rows, m, table.shape[1])
+  if tile == rows:
+    return dots(rows_src if tokens is None else rows_src[tokens], latents)
+  l3 = _tiled(latents, tile)
+  src3 = _tiled(rows_src, tile) if tokens is None else None
+  t3 = None if tokens is None else _tiled(tokens, tile)
+
+  def body(i, out3):
+    src = _step(src3, i) if tokens is None else rows_src[_step(t3, i)]
+    return lax.dynamic_update_index_in_dim(out3, dots(src, _step(l3, i)), i, axis=1)
+
+  out3 = jnp.zeros((tile, rows // tile, m), jnp.float32)
+  return lax.fori_loop(0, rows // tile, body, out3).reshape(rows, m)
 
 
 # ---------------------------------------------------------------------------
@@ -293,14 +390,13 @@ def _values_at(scores, top_scores, pre, latents):
   return jnp.take_along_axis(pre, latents, axis=-1)
 
 
-def _select(scores, pre, k):
-  _, latents = top_k_rows(scores, k)
-  return jnp.take_along_axis(pre, latents, axis=-1), latents
-
-
 def _aux_select(pre, aux_mask, aux_k):
-  masked = jnp.where(aux_mask[None, :], pre, -jnp.inf)
-  return _select(masked, pre, aux_k)
+  """Top aux_k of pre among the aux_mask latents: (values at them, latents)."""
+  # An additive mask: with a constant aux_mask (no dead latent) the masked
+  # scores are still not constants that XLA would try to fold at compile time.
+  offset = jnp.where(aux_mask, 0.0, -jnp.inf).astype(jnp.float32)
+  _, latents = top_k_rows(pre + offset, aux_k)
+  return jnp.take_along_axis(pre, latents, axis=-1), latents
 
 
 def _merge(run, new, k):
@@ -311,65 +407,136 @@ def _merge(run, new, k):
                for a, b in zip(run, new))
 
 
-def _per_token_unblocked(x, W_enc, b_enc, threshold, aux_mask, spec):
+def _zeros_selection(rows, k):
+  return (jnp.zeros((rows, k), jnp.float32), jnp.zeros((rows, k), jnp.int32))
+
+
+def _tile_rows(batch, width):
+  """Rows per encoder tile: the largest divisor of `batch` not above
+  max(_MIN_TILE_ROWS, _TILE_BYTES / (4 * width))."""
+  target = max(_MIN_TILE_ROWS, _TILE_BYTES // (4 * width))
+  if target >= batch:
+    return batch
+  return max(t for t in range(1, target + 1) if batch % t == 0)
+
+
+def _select_tile(x, W_enc, b_enc, threshold, aux_mask, spec):
+  """Per-token selections over one tile of rows and one block of latents.
+
+  Returns:
+    (main, aux): main = (scores, values, latents), each [rows, k], in lax.top_k
+    order; aux = (values, latents) [rows, aux_k] when aux_mask is given, else None.
+  """
   pre = preactivations(x, W_enc, b_enc, spec.dtype)
   scores = _scores(pre, threshold, spec)
-  if spec.k:
-    top_scores, latents = top_k_rows(scores, spec.k)
-    main = (top_scores, _values_at(scores, top_scores, pre, latents), latents)
-  else:
-    main = None
-  aux = None
-  if spec.aux_k:
-    batch = x.shape[0]
-    # The AuxK top-k over [B, n] costs as much as the main one: run it only
-    # when more than aux_min_dead latents are dead.
-    aux = lax.cond(jnp.sum(aux_mask) > spec.aux_min_dead,
-                   lambda p: _aux_select(p, aux_mask, spec.aux_k),
-                   lambda p: (jnp.zeros((batch, spec.aux_k), jnp.float32),
-                              jnp.zeros((batch, spec.aux_k), jnp.int32)),
-                   pre)
-  return main, aux, pre
+  top_scores, latents = top_k_rows(scores, spec.k)
+  main = (top_scores, _values_at(scores, top_scores, pre, latents), latents)
+  aux = None if aux_mask is None else _aux_select(pre, aux_mask, spec.aux_k)
+  return main, aux
 
 
-def _per_token_blocked(x, W_enc, b_enc, threshold, aux_mask, spec):
-  """Running top-k merge over blocks of latents; [B, n] never exists whole."""
-  batch = x.shape[0]
-  bs = spec.block_size
-  n_blocks = W_enc.shape[1] // bs
+def _select_row_tiles(x, W_enc, b_enc, threshold, aux_mask, spec):
+  """`_select_tile` over tiles of rows, so that [B, n] never exists whole.
+
+  Tile i holds rows i, i + T, i + 2T, ... (T tiles): x viewed as [rows, T, d]
+  keeps any sharding of the batch on its leading axis, and the loop runs along
+  the unsharded one.
+  """
+  batch, d = x.shape
+  rows = _tile_rows(batch, W_enc.shape[1])
+  if rows == batch:
+    return _select_tile(x, W_enc, b_enc, threshold, aux_mask, spec)
+  tiles = batch // rows
+  x3 = x.reshape(rows, tiles, d)
+
+  def body(i, out):
+    x_tile = lax.dynamic_index_in_dim(x3, i, axis=1, keepdims=False)
+    new = _select_tile(x_tile, W_enc, b_enc, threshold, aux_mask, spec)
+    put = lambda buf, a: lax.dynamic_update_index_in_dim(buf, a, i, axis=1)
+    return jax.tree.map(put, out, new)
 
   def empty(k):
-    return (jnp.full((batch, k), -jnp.inf, jnp.float32),
-            jnp.zeros((batch, k), jnp.float32),
-            jnp.zeros((batch, k), jnp.int32))
+    return jnp.zeros((rows, tiles, k), jnp.float32), jnp.zeros((rows, tiles, k), jnp.int32)
 
-  run_aux = jnp.sum(aux_mask) > spec.aux_min_dead if spec.aux_k else None
+  main = (empty(spec.k)[0],) + empty(spec.k)
+  aux = None if aux_mask is None else empty(spec.aux_k)
+  main, aux = lax.fori_loop(0, tiles, body, (main, aux))
+  return jax.tree.map(lambda a: a.reshape(batch, -1), (main, aux))
 
-  def body(i, carry):
-    main, aux = carry
+
+def _per_token_blocks(x, W_enc, b_enc, threshold, aux_mask, spec):
+  """`_select_row_tiles` over blocks of spec.block_size latents (0: one block).
+
+  The blocks' candidates are collected and selected once, or merged block by
+  block when there are many (and always for AuxK, whose lists are long).
+  Candidates stay in (block, rank) order, so equal scores keep the lower latent
+  index, as lax.top_k does.
+  """
+  batch = x.shape[0]
+  n = W_enc.shape[1]
+  bs = spec.block_size or n
+  if bs == n:
+    return _select_row_tiles(x, W_enc, b_enc, threshold, aux_mask, spec)
+  n_blocks = n // bs
+
+  def block(i):
     start = i * bs
-    w = lax.dynamic_slice_in_dim(W_enc, start, bs, axis=1)
-    b = lax.dynamic_slice_in_dim(b_enc, start, bs)
-    thr = None if threshold is None else lax.dynamic_slice_in_dim(threshold, start, bs)
-    pre = preactivations(x, w, b, spec.dtype)
-    scores = _scores(pre, thr, spec)
-    top_scores, lat = top_k_rows(scores, spec.k)
-    new = (top_scores, _values_at(scores, top_scores, pre, lat), lat + start)
-    main = _merge(main, new, spec.k)
-    if spec.aux_k:
-      def merge_aux(aux):
-        mask = lax.dynamic_slice_in_dim(aux_mask, start, bs)
-        masked = jnp.where(mask[None, :], pre, -jnp.inf)
-        top_scores, lat = top_k_rows(masked, spec.aux_k)
-        new = (top_scores, jnp.take_along_axis(pre, lat, axis=-1), lat + start)
-        return _merge(aux, new, spec.aux_k)
-      aux = lax.cond(run_aux, merge_aux, lambda aux: aux, aux)
+    cut = lambda a: None if a is None else lax.dynamic_slice_in_dim(a, start, bs, axis=-1)
+    main, aux = _select_row_tiles(x, cut(W_enc), cut(b_enc), cut(threshold), cut(aux_mask),
+                                  spec)
+    main = main[:2] + (main[2] + start,)
+    if aux is not None:  # merged by their masked scores
+      aux = (jnp.where(jnp.take(aux_mask, aux[1] + start), aux[0], -jnp.inf), aux[0],
+             aux[1] + start)
     return main, aux
 
-  init = (empty(spec.k), empty(spec.aux_k) if spec.aux_k else None)
-  main, aux = lax.fori_loop(0, n_blocks, body, init)
-  # A skipped AuxK selection keeps its initial values and indices: zeros.
-  return main, (None if aux is None else aux[1:])
+  collect = n_blocks * spec.k <= _MAX_COLLECTED
+  main_run, aux_run = block(0)
+  if collect:
+    main_run = tuple(jnp.zeros((n_blocks,) + a.shape, a.dtype).at[0].set(a) for a in main_run)
+
+  def body(i, carry):
+    main_run, aux_run = carry
+    main, aux = block(i)
+    if collect:
+      main_run = tuple(lax.dynamic_update_index_in_dim(buf, a, i, axis=0)
+                       for buf, a in zip(main_run, main))
+    else:
+      main_run = _merge(main_run, main, spec.k)
+    if aux is not None:
+      aux_run = _merge(aux_run, aux, spec.aux_k)
+    return main_run, aux_run
+
+  main_run, aux_run = lax.fori_loop(1, n_blocks, body, (main_run, aux_run))
+  if collect:
+    flat = tuple(jnp.moveaxis(a, 0, 1).reshape(batch, n_blocks * spec.k) for a in main_run)
+    top_scores, pos = top_k_rows(flat[0], spec.k)
+    main_run = (top_scores,) + tuple(jnp.take_along_axis(a, pos, axis=-1) for a in flat[1:])
+  return main_run, (None if aux_run is None else aux_run[1:])
+
+
+def _per_token_select(x, W_enc, b_enc, threshold, aux_mask, spec):
+  """Per-token top spec.k, and the AuxK top spec.aux_k among aux_mask latents.
+
+  The AuxK selection costs as much as the main one, so it runs only when more
+  than spec.aux_min_dead latents are in aux_mask; otherwise its values and
+  indices are zeros. The choice is made once, around the whole pass.
+
+  Returns:
+    (main, aux): main = (scores, values, latents) [B, k]; aux = (values,
+    latents) [B, aux_k] or None when spec.aux_k == 0.
+  """
+  args = (x, W_enc, b_enc, threshold)
+  if not spec.aux_k:
+    return _per_token_blocks(*args, None, spec)
+  batch = x.shape[0]
+
+  def without_aux():
+    main, _ = _per_token_blocks(*args, None, spec)
+    return main, _zeros_selection(batch, spec.aux_k)
+
+  return lax.cond(jnp.sum(aux_mask) > spec.aux_min_dead,
+                  lambda: _per_token_blocks(*args, aux_mask, spec), without_aux)
 
 
 def _exhaustive_batch_select(pre, spec):
@@ -381,23 +548,59 @@ def _exhaustive_batch_select(pre, spec):
   return values, (pos % n).astype(jnp.int32), (pos // n).astype(jnp.int32)
 
 
+def _sortable_keys(values):
+  """int32 keys with the order of the float32 values (-0.0 counted as +0.0)."""
+  bits = lax.bitcast_convert_type(values.astype(jnp.float32) + 0.0, jnp.int32)
+  return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def _kth_largest_key(keys, count):
+  """The count-th largest entry of the int32 `keys` (any shape), by bisection.
+
+  32 halvings of [min, max], each counting the entries >= the midpoint: a few
+  vectorised passes instead of a top-k with a heap of `count` entries.
+  """
+  lo, hi = jnp.min(keys), jnp.max(keys)
+
+  def body(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo + 1) // 2  # never overflows: lo <= mid <= hi
+    enough = jnp.sum(keys >= mid) >= count
+    return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
+
+  return lax.fori_loop(0, 32, body, (lo, hi))[0]
+
+
 def _batch_select(main, pre, x, W_enc, b_enc, spec):
   """Keeps B * k_per_token entries across the batch from per-token candidates.
 
-  Candidates are laid out token-major and, within a token, in rank order (ties
-  by latent index), so the flat top-k breaks ties like the exhaustive one. The
-  candidates are exact unless some token had its last candidate kept with a
-  positive value (it might have had more); then the exhaustive selection runs,
-  on `pre` when the caller has it, else (blocked encoder) recomputing it.
+  Each token's candidates are its top c scores in rank order (ties by latent
+  index). The flat top-k over them is found without sorting: the kept entries
+  are those above the (B * k)-th largest candidate score t, then those equal to
+  t in token-major order (the exhaustive selection's tie rule), so each token
+  keeps a prefix of its candidates. The output lists the kept triples token by
+  token, each in rank order. The candidates are exact unless some token kept
+  all c of them with a positive last one (it might have had more); then the
+  exhaustive selection runs, on `pre` when the caller has it, else recomputing it.
   """
   batch = x.shape[0]
   cand_scores, cand_values, cand_latents = main
   c = cand_scores.shape[1]
   total = batch * spec.batch_k_per_token
-  top, pos = lax.top_k(cand_scores.reshape(-1), total)
-  overflow = jnp.any((pos % c == c - 1) & (top > 0))
-  fast = (cand_values.reshape(-1)[pos], cand_latents.reshape(-1)[pos],
-          (pos // c).astype(jnp.int32))
+  keys = _sortable_keys(cand_scores)
+  t = _kth_largest_key(keys, total)
+  above = jnp.sum(keys > t, axis=1, dtype=jnp.int32)
+  ties = jnp.sum(keys == t, axis=1, dtype=jnp.int32)
+  ties_before = jnp.cumsum(ties) - ties
+  kept = above + jnp.clip(total - jnp.sum(above) - ties_before, 0, ties)
+  overflow = jnp.any((kept == c) & (cand_scores[:, c - 1] > 0))
+  # Output slot j holds token b's candidate j - start[b], where start is the
+  # exclusive running count of kept entries.
+  start = jnp.cumsum(kept) - kept
+  slots = jnp.arange(total, dtype=jnp.int32)
+  tokens = (jnp.searchsorted(start, slots, side='right') - 1).astype(jnp.int32)
+  flat = tokens * c + (slots - start[tokens])
+  fast = (cand_values.reshape(-1)[flat], cand_latents.reshape(-1)[flat], tokens)
 
   def exhaustive():
     full = preactivations(x, W_enc, b_enc, spec.dtype) if pre is None else pre
@@ -410,26 +613,29 @@ def _batch_select(main, pre, x, W_enc, b_enc, spec):
 
 def _encode_forward(spec, x, W_enc, b_enc, threshold, aux_mask):
   batch = x.shape[0]
-  pre = None
-  if spec.block_size:
-    main, aux = _per_token_blocked(x, W_enc, b_enc, threshold, aux_mask, spec)
-  else:
-    main, aux, pre = _per_token_unblocked(x, W_enc, b_enc, threshold, aux_mask, spec)
-  if aux is None:
-    aux = (jnp.zeros((batch, 0), jnp.float32), jnp.zeros((batch, 0), jnp.int32))
   overflow = jnp.asarray(False)
   min_score = None
-  if spec.batch_k_per_token:
-    if spec.k:
-      values, latents, tokens, overflow = _batch_select(main, pre, x, W_enc, b_enc, spec)
-    else:
-      values, latents, tokens = _exhaustive_batch_select(pre, spec)
-      shape = (batch, spec.batch_k_per_token)
-      values, latents, tokens = (a.reshape(shape) for a in (values, latents, tokens))
+  aux = None
+  if spec.batch_k_per_token and not spec.k:
+    # Exhaustive BatchTopK: the whole [B, n] matrix is the candidate set.
+    pre = preactivations(x, W_enc, b_enc, spec.dtype)
+    if spec.aux_k:
+      aux = lax.cond(jnp.sum(aux_mask) > spec.aux_min_dead,
+                     lambda p: _aux_select(p, aux_mask, spec.aux_k),
+                     lambda p: _zeros_selection(batch, spec.aux_k), pre)
+    values, latents, tokens = _exhaustive_batch_select(pre, spec)
+    shape = (batch, spec.batch_k_per_token)
+    values, latents, tokens = (a.reshape(shape) for a in (values, latents, tokens))
   else:
-    top_scores, values, latents = main
-    tokens = None
-    min_score = jnp.min(top_scores, axis=-1)
+    main, aux = _per_token_select(x, W_enc, b_enc, threshold, aux_mask, spec)
+    if spec.batch_k_per_token:
+      values, latents, tokens, overflow = _batch_select(main, None, x, W_enc, b_enc, spec)
+    else:
+      top_scores, values, latents = main
+      tokens = None
+      min_score = jnp.min(top_scores, axis=-1)
+  if aux is None:
+    aux = (jnp.zeros((batch, 0), jnp.float32), jnp.zeros((batch, 0), jnp.int32))
   return EncoderOutput(values, latents, tokens, aux[0], aux[1], overflow, min_score)
 
 
@@ -445,28 +651,39 @@ def _encode_fwd(spec, x, W_enc, b_enc, threshold, aux_mask):
   return out, res
 
 
-def _encoder_grads(x, W_enc_t, g, latents, tokens):
-  """(d_x, d_W_enc^T, d_b_enc) in float32 for cotangents g at the selected entries."""
-  n = W_enc_t.shape[0]
-  d_x = _weighted_row_sum(g, latents, W_enc_t, tokens)
-  d_w_t = _scatter_rows(g, latents, x, tokens, n)
-  d_b = jax.ops.segment_sum(g.reshape(-1), latents.reshape(-1), num_segments=n)
+def _encoder_grads(x, W_enc, g, latents, tokens, init=None):
+  """(d_x, d_W_enc^T, d_b_enc) in float32 for cotangents g at the selected entries,
+  added to `init` (a tuple of the three) when given."""
+  n = W_enc.shape[1]
+  if init is None:
+    init = (None, None, jnp.zeros((n,), jnp.float32))
+  # d_x gathers columns of W_enc; callers that do not use d_x (the SAEs route
+  # b_dec's gradient elsewhere) let XLA drop this loop and the transpose.
+  W_enc_t = lax.optimization_barrier(W_enc.T)
+  d_x = _weighted_row_sum(g, latents, W_enc_t, tokens, init[0])
+  d_w_t = _scatter_rows(g, latents, x, tokens, n, init[1])
+  d_b = init[2].at[latents.reshape(-1)].add(g.reshape(-1).astype(jnp.float32))
   return d_x, d_w_t, d_b
 
 
 def _encode_bwd(spec, res, ct):
   del spec
   x, W_enc, b_enc, latents, tokens, aux_latents = res
-  # Materialised once so that the per-column gathers read contiguous rows.
-  W_enc_t = lax.optimization_barrier(W_enc.T)
-  grads = _encoder_grads(x, W_enc_t, ct.values, latents, tokens)
+  # A zero cotangent (the selection fed only an untaken branch, as in the ReLU
+  # SAEs' dense fallback) skips the scatter loops.
+  grads = lax.cond(jnp.any(ct.values != 0),
+                   lambda: _encoder_grads(x, W_enc, ct.values, latents, tokens),
+                   lambda: (jnp.zeros(x.shape, jnp.float32),
+                            jnp.zeros(W_enc.shape[::-1], jnp.float32),
+                            jnp.zeros(b_enc.shape, jnp.float32)))
   if aux_latents.shape[1]:
-    # The AuxK cotangent is exactly zero when no latent is dead: skip its loops.
-    g_aux = ct.aux_values
-    aux = lax.cond(jnp.any(g_aux != 0),
-                   lambda: _encoder_grads(x, W_enc_t, g_aux, aux_latents, None),
-                   lambda: jax.tree.map(jnp.zeros_like, grads))
-    grads = jax.tree.map(jnp.add, grads, aux)
+    # The AuxK cotangent is exactly zero when no latent is dead: skip its loops,
+    # passing the gradients through (no zero arrays to add).
+    # (Opaque to XLA: a constant zero cotangent would be folded at length.)
+    g_aux = lax.optimization_barrier(ct.aux_values)
+    grads = lax.cond(jnp.any(g_aux != 0),
+                     lambda acc: _encoder_grads(x, W_enc, g_aux, aux_latents, None, acc),
+                     lambda acc: acc, grads)
   d_x, d_w_t, d_b = grads
   return (d_x.astype(x.dtype), d_w_t.T.astype(W_enc.dtype), d_b.astype(b_enc.dtype),
           None, None)

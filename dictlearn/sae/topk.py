@@ -25,13 +25,18 @@ from dictlearn.sae import kernels
 
 
 # AuxK runs densely over the gathered dead latents when at most
-# max(aux_k, n_latents // _AUX_DENSE_FRACTION) are dead (the usual case).
+# max(aux_k, min(n_latents // _AUX_DENSE_FRACTION, _AUX_DENSE_MAX)) are dead (the
+# usual case). The absolute bound keeps the dense [B, cap] pre-activations (and
+# their gradient) small for million-latent dictionaries; beyond it the encoder's
+# blocked AuxK selection serves.
 _AUX_DENSE_FRACTION = 8
+_AUX_DENSE_MAX = 16384
 
 
 def aux_dense_cap(sae):
   """Most dead latents for which AuxK runs densely over the gathered dead ones."""
-  return min(sae.n_latents, max(sae.cfg.aux_k, sae.n_latents // _AUX_DENSE_FRACTION))
+  dense = min(sae.n_latents // _AUX_DENSE_FRACTION, _AUX_DENSE_MAX)
+  return min(sae.n_latents, max(sae.cfg.aux_k, dense))
 
 
 def _dead_first(dead_mask):
@@ -52,6 +57,9 @@ def _aux_reconstruction_dense(sae, params, x_in, dead_mask, cap):
   latents' pre-activations. With aux_k / cap large (256 / 2048 at 16k latents)
   three small matmuls beat gathering aux_k rows per token.
   """
+  # Opaque to XLA: a constant mask (nothing dead) would otherwise have this
+  # branch, which then never runs, constant-folded at length at compile time.
+  dead_mask = lax.optimization_barrier(dead_mask)
   order = _dead_first(dead_mask)[:cap]
   pre = kernels.preactivations(x_in, params['W_enc'][:, order], params['b_enc'][order],
                                sae.dtype)
@@ -104,8 +112,11 @@ def aux_k_loss(sae, params, enc, x_in, err, dead_mask):
     return loss(_aux_reconstruction_dense(sae, params, x_in, dead_mask, cap))
 
   branch = jnp.where(n_dead == 0, 0, jnp.where(n_dead <= cap, 1, 2))
-  aux = lax.switch(branch, [lambda ops: jnp.zeros((), jnp.float32), dense, sparse],
-                   (params, x_in))
+  # Rematerialised branches save only their operands for the backward pass:
+  # otherwise every step would carry the dense branch's [B, cap] residuals, as
+  # zeros when (usually) another branch runs.
+  aux = lax.switch(branch, [lambda ops: jnp.zeros((), jnp.float32), jax.checkpoint(dense),
+                            jax.checkpoint(sparse)], (params, x_in))
   return aux, n_dead
 
 
@@ -113,6 +124,7 @@ class TopKSAE(base.SparseAutoencoder):
   """Per-token TopK SAE with AuxK, unit-norm decoder rows and sparse kernels."""
   name = 'topk'
   unit_norm_decoder = True
+  uses_dead_mask = True
 
   def __init__(self, cfg, d_model):
     super().__init__(cfg, d_model)
@@ -153,14 +165,15 @@ class TopKSAE(base.SparseAutoencoder):
   def forward(self, params, buffers, x, *, sparsity_coefficient, dead_mask):
     del sparsity_coefficient  # the sparsity is fixed by k
     x = x.astype(jnp.float32)
-    if dead_mask is None:
-      dead_mask = jnp.zeros((self.n_latents,), bool)
     x_in, enc = self._encode_sparse(params, x, dead_mask)
     acts = jax.nn.relu(enc.values)
     x_hat = (kernels.sparse_decode(acts, enc.latents, params['W_dec'])
              + params['b_dec'].astype(jnp.float32))
     mse, fvu = base.reconstruction_metrics(x, x_hat)
-    aux, n_dead = aux_k_loss(self, params, enc, x_in, x - x_hat, dead_mask)
+    if dead_mask is None:  # nothing dead: no AuxK term
+      aux, n_dead = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+    else:
+      aux, n_dead = aux_k_loss(self, params, enc, x_in, x - x_hat, dead_mask)
     loss = mse + self.cfg.aux_k_coefficient * aux
     metrics = {
         'mse': mse, 'fvu': fvu, 'aux_k': aux, 'n_dead': n_dead,

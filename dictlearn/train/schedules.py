@@ -58,7 +58,11 @@ def scale_by_adam_stored_as(dtype, b1: float, b2: float,
 
   optax's own `mu_dtype` lowers only the first moment; for million-latent
   dictionaries the second moment is as large, so both are kept in `dtype` (for
-  instance bfloat16) and the arithmetic runs in float32.
+  instance bfloat16), with the arithmetic in float32. The update is computed
+  from the moments as stored (rounded to `dtype`), so that each moment is one
+  elementwise pass that XLA runs in place in the donated state, and the update
+  fuses into the parameter update: no float32 copy of a moment or of the
+  update ever exists (optax's adam keeps three).
   """
   dtype = jnp.dtype(dtype)
 
@@ -72,16 +76,16 @@ def scale_by_adam_stored_as(dtype, b1: float, b2: float,
     del params
     count = optax.safe_increment(state.count)
     f32 = lambda t: t.astype(jnp.float32)
-    mu = jax.tree.map(lambda m, g: b1 * f32(m) + (1 - b1) * f32(g), state.mu, updates)
-    nu = jax.tree.map(lambda v, g: b2 * f32(v) + (1 - b2) * jnp.square(f32(g)),
+    mu = jax.tree.map(lambda m, g: (b1 * f32(m) + (1 - b1) * f32(g)).astype(dtype),
+                      state.mu, updates)
+    nu = jax.tree.map(lambda v, g: (b2 * f32(v) + (1 - b2) * jnp.square(f32(g))).astype(dtype),
                       state.nu, updates)
     c1 = 1 - b1 ** count.astype(jnp.float32)
     c2 = 1 - b2 ** count.astype(jnp.float32)
-    updates = jax.tree.map(lambda m, v, g: ((m / c1) / (jnp.sqrt(v / c2) + eps)).astype(g.dtype),
-                           mu, nu, updates)
-    store = lambda t: t.astype(dtype)
-    return updates, optax.ScaleByAdamState(count=count, mu=jax.tree.map(store, mu),
-                                           nu=jax.tree.map(store, nu))
+    updates = jax.tree.map(
+        lambda m, v, g: ((f32(m) / c1) / (jnp.sqrt(f32(v) / c2) + eps)).astype(g.dtype),
+        mu, nu, updates)
+    return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
 
   return optax.GradientTransformation(init, update)
 
