@@ -290,3 +290,128 @@ def test_aux_selection_skipped_with_few_dead_latents():
     spec = kernels.EncoderSpec(k=4, aux_k=4, aux_min_dead=5, block_size=block_size)
     out = kernels.encode_select(x, w, b, spec, aux_mask=dead)
     assert bool(jnp.all(dead[out.aux_latents]))
+
+
+# ---- the fast paths against their plain forms -----------------------------------
+
+
+@pytest.mark.parametrize('n,k', [(4096, 32), (2048, 24), (4096, 128)])
+def test_top_k_rows_bounds_keep_ties_and_infinities(n, k):
+  # Integer scores (many exact ties), constant rows, rows with fewer than k
+  # finite entries and rows of -inf: the masked two-stage selection must still
+  # return exactly what lax.top_k returns.
+  scores = jax.random.randint(jax.random.key(n + k), (B, n), -3, 4).astype(jnp.float32)
+  scores = scores.at[0].set(2.0).at[1].set(-jnp.inf).at[2, :].set(-jnp.inf)
+  scores = scores.at[2, 5].set(1.0).at[2, n - 1].set(3.0)
+  scores = scores.at[3].set(jax.random.normal(jax.random.key(1), (n,)))
+  assert kernels._group_size(n, k)  # the two-stage path runs
+  v1, i1 = jax.jit(lambda s: kernels.top_k_rows(s, k))(scores)
+  v2, i2 = lax.top_k(scores, k)
+  np.testing.assert_array_equal(i1, i2)
+  np.testing.assert_array_equal(v1, v2)
+
+
+def test_kth_largest_key_matches_sort():
+  values = jax.random.randint(jax.random.key(0), (64, 40), -5, 6).astype(jnp.float32)
+  values = values.at[0, 0].set(-0.0).at[1, 1].set(jnp.inf).at[2, 2].set(-jnp.inf)
+  keys = kernels._sortable_keys(values)
+  flat = np.sort(np.asarray(keys).ravel())[::-1]
+  for count in (1, 7, 100, 2559, 2560):
+    assert int(kernels._kth_largest_key(keys, count)) == flat[count - 1]
+  # The keys order the values.
+  order = np.argsort(np.asarray(keys).ravel(), kind='stable')
+  assert np.all(np.diff(np.asarray(values).ravel()[order]) >= 0)
+
+
+def _encoder_pipeline(spec, dead, threshold=None):
+  def loss(x, w, b, w_dec):
+    out = kernels.encode_select(x, w, b, spec, aux_mask=dead, threshold=threshold)
+    y = kernels.sparse_decode(jax.nn.relu(out.values), out.latents, w_dec, tokens=out.tokens)
+    total = jnp.sum(jnp.sin(y))
+    if spec.aux_k:
+      total += jnp.sum(jnp.cos(kernels.sparse_decode(out.aux_values, out.aux_latents, w_dec)))
+    return total, out
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+
+
+@pytest.mark.parametrize('block_size,collect', [(0, True), (32, True), (32, False)])
+def test_row_tiles_and_block_merges_match_one_pass(block_size, collect, monkeypatch):
+  n, k, aux_k = 128, 6, 8
+  x, w, b, w_dec, _ = _inputs(n, True, seed=4)  # integer-valued: many ties
+  dead = jnp.arange(n) % 3 == 0
+  threshold = jnp.where(jnp.arange(n) % 2 == 0, 0.5, -0.5)
+  spec = kernels.EncoderSpec(k=k, aux_k=aux_k, block_size=0)
+  want = _encoder_pipeline(spec, dead)(x, w, b, w_dec)
+  want_thr = _encoder_pipeline(kernels.EncoderSpec(k=k, margin=0.25), None, threshold)(
+      x, w, b, w_dec)
+  # Tiles of 4 rows (16 rows in all); blocks merged one by one when not collected.
+  monkeypatch.setattr(kernels, '_TILE_BYTES', 4 * 4 * 32)
+  monkeypatch.setattr(kernels, '_MIN_TILE_ROWS', 1)
+  if not collect:
+    monkeypatch.setattr(kernels, '_MAX_COLLECTED', 0)
+  assert kernels._tile_rows(B, block_size or n) < B
+  spec = kernels.EncoderSpec(k=k, aux_k=aux_k, block_size=block_size)
+  got = _encoder_pipeline(spec, dead)(x, w, b, w_dec)
+  got_thr = _encoder_pipeline(kernels.EncoderSpec(k=k, margin=0.25, block_size=block_size),
+                              None, threshold)(x, w, b, w_dec)
+  for ((l1, o1), g1), ((l2, o2), g2) in ((want, got), (want_thr, got_thr)):
+    np.testing.assert_array_equal(o1.latents, o2.latents)
+    np.testing.assert_array_equal(o1.aux_latents, o2.aux_latents)
+    _close(o1.values, o2.values)
+    _close(o1.min_score, o2.min_score)
+    _close(l1, l2)
+    for a, c in zip(g1, g2):
+      _close(a, c)
+
+
+@pytest.mark.parametrize('integer', [False, True])
+def test_batch_selection_with_row_tiles_matches_dense(integer, monkeypatch):
+  monkeypatch.setattr(kernels, '_TILE_BYTES', 4 * 4 * 64)
+  monkeypatch.setattr(kernels, '_MIN_TILE_ROWS', 1)
+  monkeypatch.setattr(kernels, '_VECTORIZE_MAX_ELEMENTS', 3 * 6 * D)  # 3-row steps
+  n, k = 64, 3
+  args = _inputs(n, integer, seed=12)
+  spec = kernels.EncoderSpec(k=6, batch_k_per_token=k)
+  grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True))
+  (l1, out), g1 = grad(_batch_pipeline(spec))(*args)
+  (l2, mask), g2 = grad(_batch_pipeline_dense(k))(*args)
+  kept = np.zeros((B, n))
+  np.add.at(kept, (np.asarray(out.tokens), np.asarray(out.latents)),
+            np.asarray(out.values) > 0)
+  ref = np.asarray(mask) * (np.asarray(args[0] @ args[1] + args[2]) > 0)
+  np.testing.assert_array_equal(kept, ref)
+  _close(l1, l2)
+  for a, b in zip(g1, g2):
+    _close(a, b)
+
+
+def test_zero_cotangent_skips_encoder_backward():
+  # The ReLU SAEs' dense fallback gives the selection a zero cotangent.
+  x, w, b, _, _ = _inputs(64, False)
+  spec = kernels.EncoderSpec(k=4)
+  grads = jax.grad(lambda x, w, b: 0.0 * jnp.sum(kernels.encode_select(x, w, b, spec).values),
+                   argnums=(0, 1, 2))(x, w, b)
+  for g, a in zip(grads, (x, w, b)):
+    assert g.shape == a.shape
+    np.testing.assert_array_equal(g, 0.0)
+
+
+@pytest.mark.parametrize('tiled', [False, True])
+def test_capacity_select_overflow_with_row_tiles(tiled, monkeypatch):
+  # Past an overflowing tile the capacity selection skips the rest (the caller
+  # recomputes densely); the overflow flag and, without overflow, the kept
+  # activations must not depend on the tiling.
+  if tiled:
+    monkeypatch.setattr(kernels, '_TILE_BYTES', 4 * 4 * 64)
+    monkeypatch.setattr(kernels, '_MIN_TILE_ROWS', 1)
+    assert kernels._tile_rows(B, 64) == 4
+  n = 64
+  x, w, b, _, _ = _inputs(n, True, seed=6)
+  pre = x @ w + b
+  counts = np.asarray(jnp.sum(pre > 0, axis=1))
+  for capacity in (int(counts.max()), int(counts.max()) - 1, int(counts.min())):
+    values, latents, overflow = jax.jit(
+        lambda x, w, b, c=capacity: kernels.capacity_select(x, w, b, c))(x, w, b)
+    assert bool(overflow) == bool(counts.max() > capacity)
+    if not bool(overflow):
+      _close(kernels.densify(jax.nn.relu(values), latents, n), jax.nn.relu(pre))

@@ -54,23 +54,11 @@ def random_directions(key, n, d, norm, dtype=jnp.float32):
   return (norm * w).astype(dtype)
 
 
-def _row_scale(scale):
-  """A per-row factor computed by a reduction, made opaque to XLA's fusion.
-
-  Without the barrier XLA fuses the row reduction and the elementwise pass that
-  uses it into one library fusion that cannot write in place, so every [n, d]
-  result gets a temporary copy; with it the elementwise pass is a plain loop
-  fusion that XLA runs in place or folds into the optimizer update.
-  """
-  return lax.optimization_barrier(scale)
-
-
 def unit_rows(w):
   """Rescales the rows of `w` to unit L2 norm (rows of norm 0 stay 0)."""
   w32 = w.astype(jnp.float32)
-  norm = jnp.sqrt(jnp.sum(w32 * w32, axis=-1, keepdims=True))
-  norm = _row_scale(jnp.maximum(norm, jnp.finfo(jnp.float32).tiny))
-  return (w32 / norm).astype(w.dtype)
+  norm = jnp.linalg.norm(w32, axis=-1, keepdims=True)
+  return (w32 / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny)).astype(w.dtype)
 
 
 def remove_parallel_component(grad, w):
@@ -79,13 +67,9 @@ def remove_parallel_component(grad, w):
   With unit-norm decoder rows, this keeps the Adam update tangent to the sphere
   (Bricken et al. 2023; OpenAI TopK; Gemma Scope).
   """
-  # (g.u) u with u = w / |w|, written as (g.w / |w|^2) w: two row reductions and
-  # one elementwise pass, with no unit-row copy of w (a whole [n, d] temporary).
-  g32, w32 = grad.astype(jnp.float32), w.astype(jnp.float32)
-  norm2 = jnp.sum(w32 * w32, axis=-1, keepdims=True)
-  dot = jnp.sum(g32 * w32, axis=-1, keepdims=True)
-  scale = _row_scale(dot / jnp.maximum(norm2, jnp.finfo(jnp.float32).tiny))
-  return (g32 - scale * w32).astype(grad.dtype)
+  g32, u = grad.astype(jnp.float32), unit_rows(w.astype(jnp.float32))
+  g32 = g32 - jnp.sum(g32 * u, axis=-1, keepdims=True) * u
+  return g32.astype(grad.dtype)
 
 
 def geometric_median(points, steps=_GEOMETRIC_MEDIAN_STEPS):
@@ -118,8 +102,6 @@ class SparseAutoencoder(abc.ABC):
   name: str = ''
   # Decoder rows kept at unit norm by process_grads / process_params.
   unit_norm_decoder: bool = False
-  # forward reads dead_mask (AuxK); None there means no latent is dead.
-  uses_dead_mask: bool = False
 
   def __init__(self, cfg: ml_collections.ConfigDict, d_model: int):
     if d_model < 1:

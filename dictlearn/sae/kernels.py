@@ -5,21 +5,27 @@ SAE step that must touch every latent. Everything after it follows only the
 selected latents: the forward keeps the selected pre-activations (top-k per
 token, top-(k*B) across the batch, or every non-zero up to a capacity), and the
 backward of the encoder and both passes of the decoder gather and scatter rows
-of the weights at the selected indices. The [B, n] pre-activation matrix is never
-saved for the backward pass; with `block_size > 0` it never exists whole at all.
+of the weights at the selected indices.
+
+The [B, n] pre-activation matrix never exists whole: the encoder runs over
+tiles of rows (about 32 MiB of pre-activations each) and, with
+`block_size > 0`, over blocks of latents, selecting as it goes; nothing of
+[B, n] is saved for the backward pass. On CPU a large fresh buffer costs more
+to page in than to compute, so this is also what makes the step fast.
 
 Selections keep `lax.top_k`'s tie rule (equal scores: the lower latent index
-first) on every path, so the sparse, grouped and blocked paths select exactly
-what a dense formulation selects.
+first) on every path, so the sparse, grouped, tiled and blocked paths select
+exactly what a dense formulation selects. The top-k itself runs in two masked
+stages over groups of latents (`top_k_rows`), several times cheaper than one
+lax.top_k over the row on CPU.
 
-The sparse passes run as loops over the selected columns (one gather or one
-scatter-add of B rows per column): XLA fuses them into in-place updates, where
-the vectorised form materialises [B, k, d] products (measured ~3x slower on CPU
-and k x more memory). Small problems, where the loop overhead would dominate,
-use the vectorised form.
+The sparse passes loop over steps of rows, each one vectorised gather or
+scatter-add of [rows, m, d] elements (at most _VECTORIZE_MAX_ELEMENTS): XLA
+runs the scatter-adds in place; small problems take a single step.
 
 Everything here is pure, jittable and written in `jnp`/`lax` ops only, so it runs
-unchanged when `W_enc`, `b_enc`, `W_dec` are sharded along the latent axis.
+unchanged when `W_enc`, `b_enc`, `W_dec` are sharded along the latent axis (the
+row loops run along an unsharded axis).
 """
 import dataclasses
 import functools
@@ -42,7 +48,8 @@ _MIN_TILE_ROWS = 512
 # The blocked encoder collects each block's candidates and selects once when
 # there are at most this many per token; beyond, it merges block by block.
 _MAX_COLLECTED = 2048
-# Gathers of at most this many elements ([B, m, d]) are vectorised, not looped.
+# Each step of the sparse row loops gathers or scatters at most this many
+# elements ([rows, m, d]); 64 rows of 32 entries of 576 floats.
 _VECTORIZE_MAX_ELEMENTS = 1 << 21
 
 
@@ -99,16 +106,31 @@ def top_k_rows(scores, k):
   Returns:
     (values, indices), each [..., k]; indices int32.
   """
-  n = scores.shape[-1]
-  g = _group_size(n, k)
-  if not g:
-    return lax.top_k(scores, k)
   if scores.ndim == 1:
     values, indices = top_k_rows(scores[None], k)
     return values[0], indices[0]
-  rows, n_groups = scores.shape[0], n // g
-  grouped = scores.reshape(rows, n_groups, g)
-  group_max, groups = lax.top_k(_mask_below_kth_bound(grouped.max(axis=-1), k), k)
+  return _top_k_of(scores, k)
+
+
+def _top_k_of(raw, k, vectors=(), score=None):
+  """`top_k_rows` of score(raw, *vectors) without forming the [R, n] scores.
+
+  `score` is elementwise; `vectors` are [n] per-latent operands broadcast along
+  the rows (a bias, a threshold). It is applied inside the group-maximum
+  reduction and to the gathered candidates only, which saves a whole pass over
+  the [R, n] block; the scores it returns are bit-identical to score applied to
+  the whole block.
+  """
+  if score is None:
+    score = lambda r: r
+  rows, n = raw.shape
+  g = _group_size(n, k)
+  if not g:
+    return lax.top_k(score(raw, *vectors), k)
+  n_groups = n // g
+  grouped = raw.reshape(rows, n_groups, g)
+  group_max = score(grouped, *(v.reshape(n_groups, g) for v in vectors)).max(axis=-1)
+  group_max, groups = lax.top_k(_mask_below_kth_bound(group_max, k), k)
   # The k-th largest group maximum bounds the k-th value from below. (A
   # reduction, not a slice: a sliced top-k becomes a full sort on CPU.)
   floor = jnp.min(group_max, axis=-1, keepdims=True)
@@ -116,12 +138,16 @@ def top_k_rows(scores, k):
   # One gather of whole groups (rows of g) from the flattened [rows * groups, g].
   flat = (jnp.arange(rows, dtype=jnp.int32)[:, None] * n_groups + groups).reshape(-1)
   candidates = jnp.take(grouped.reshape(rows * n_groups, g), flat, axis=0,
-                        indices_are_sorted=True, unique_indices=True, mode='clip')
-  candidates = candidates.reshape(rows, k * g)
+                        indices_are_sorted=True, unique_indices=True,
+                        mode='clip').reshape(rows, k * g)
+  candidate_vectors = tuple(
+      jnp.take(v.reshape(n_groups, g), groups, axis=0, mode='clip').reshape(rows, k * g)
+      for v in vectors)
+  latents = (groups[..., None] * g + jnp.arange(g, dtype=jnp.int32)).reshape(rows, k * g)
+  candidates = score(candidates, *candidate_vectors)
   _, pos = lax.top_k(jnp.where(candidates >= floor, candidates, -jnp.inf), k)
   values = jnp.take_along_axis(candidates, pos, axis=-1)
-  indices = jnp.take_along_axis(groups, pos // g, axis=-1) * g + pos % g
-  return values, indices.astype(jnp.int32)
+  return values, jnp.take_along_axis(latents, pos, axis=-1).astype(jnp.int32)
 
 
 # ---------------------------------------------------------------------------
@@ -331,6 +357,11 @@ class EncoderSpec:
     margin: selection score is (pre - threshold) + margin.
     block_size: latents per encoder block (0 = one block).
     dtype: name of the matmul input dtype ('float32' or 'bfloat16').
+    positive_only: per-token mode: only entries with a positive score matter
+      (capacity selection); the others are ranked as -inf, so the slots past a
+      token's positive entries hold arbitrary non-positive entries (their
+      scores -inf, their values the pre-activations there), which makes the
+      selection much cheaper.
   """
   k: int
   aux_k: int = 0
@@ -339,6 +370,7 @@ class EncoderSpec:
   margin: float = 0.0
   block_size: int = 0
   dtype: str = 'float32'
+  positive_only: bool = False
 
 
 class EncoderOutput(NamedTuple):
@@ -383,13 +415,6 @@ def _scores(pre, threshold, spec):
   return s
 
 
-def _values_at(scores, top_scores, pre, latents):
-  """Pre-activations at the selected entries; free when the scores are pre itself."""
-  if scores is pre:
-    return top_scores
-  return jnp.take_along_axis(pre, latents, axis=-1)
-
-
 def _aux_select(pre, aux_mask, aux_k):
   """Top aux_k of pre among the aux_mask latents: (values at them, latents)."""
   # An additive mask: with a constant aux_mask (no dead latent) the masked
@@ -423,15 +448,38 @@ def _tile_rows(batch, width):
 def _select_tile(x, W_enc, b_enc, threshold, aux_mask, spec):
   """Per-token selections over one tile of rows and one block of latents.
 
+  The bias, threshold and margin are applied inside the selection (`_top_k_of`),
+  so that the only pass over the [rows, n] block is the one that reads the
+  matmul's output; scores and values are those of the plain formulas
+  (`preactivations`, `_scores`), bit for bit.
+
   Returns:
     (main, aux): main = (scores, values, latents), each [rows, k], in lax.top_k
     order; aux = (values, latents) [rows, aux_k] when aux_mask is given, else None.
   """
-  pre = preactivations(x, W_enc, b_enc, spec.dtype)
-  scores = _scores(pre, threshold, spec)
-  top_scores, latents = top_k_rows(scores, spec.k)
-  main = (top_scores, _values_at(scores, top_scores, pre, latents), latents)
-  aux = None if aux_mask is None else _aux_select(pre, aux_mask, spec.aux_k)
+  dtype = jnp.dtype(spec.dtype)
+  raw = jnp.dot(x.astype(dtype), W_enc.astype(dtype), preferred_element_type=jnp.float32)
+  bias = b_enc.astype(jnp.float32)
+  vectors = (bias,) if threshold is None else (bias, threshold.astype(jnp.float32))
+
+  def score(r, b, *thr):
+    s = _scores(r + b, thr[0] if thr else None, spec)
+    return jnp.where(s > 0, s, -jnp.inf) if spec.positive_only else s
+
+  def pre_at(latents):
+    return jnp.take_along_axis(raw, latents, axis=-1) + bias[latents]
+
+  top_scores, latents = _top_k_of(raw, spec.k, vectors, score)
+  plain = (threshold is None and not spec.margin and not spec.batch_k_per_token
+           and not spec.positive_only)
+  main = (top_scores, top_scores if plain else pre_at(latents), latents)
+  aux = None
+  if aux_mask is not None:
+    # An additive mask: with a constant aux_mask (no dead latent) the masked
+    # scores are still not constants that XLA would try to fold at compile time.
+    offset = jnp.where(aux_mask, 0.0, -jnp.inf).astype(jnp.float32)
+    _, aux_latents = _top_k_of(raw, spec.aux_k, (bias, offset), lambda r, b, o: (r + b) + o)
+    aux = (pre_at(aux_latents), aux_latents)
   return main, aux
 
 
@@ -441,6 +489,11 @@ def _select_row_tiles(x, W_enc, b_enc, threshold, aux_mask, spec):
   Tile i holds rows i, i + T, i + 2T, ... (T tiles): x viewed as [rows, T, d]
   keeps any sharding of the batch on its leading axis, and the loop runs along
   the unsharded one.
+
+  A capacity selection (`spec.positive_only`) is useless once a token has
+  overflowed (the caller then recomputes the batch densely), so the tiles after
+  the first overflowing one are skipped, matmul included; they keep scores of
+  +inf, which the overflow test reads as overflowing.
   """
   batch, d = x.shape
   rows = _tile_rows(batch, W_enc.shape[1])
@@ -448,19 +501,28 @@ def _select_row_tiles(x, W_enc, b_enc, threshold, aux_mask, spec):
     return _select_tile(x, W_enc, b_enc, threshold, aux_mask, spec)
   tiles = batch // rows
   x3 = x.reshape(rows, tiles, d)
+  skip_after_overflow = spec.positive_only and aux_mask is None
 
-  def body(i, out):
+  def select(i, out):
     x_tile = lax.dynamic_index_in_dim(x3, i, axis=1, keepdims=False)
     new = _select_tile(x_tile, W_enc, b_enc, threshold, aux_mask, spec)
     put = lambda buf, a: lax.dynamic_update_index_in_dim(buf, a, i, axis=1)
-    return jax.tree.map(put, out, new)
+    return jax.tree.map(put, out, new), jnp.any(jnp.min(new[0][0], axis=-1) > 0)
+
+  def body(i, carry):
+    out, overflowed = carry
+    if not skip_after_overflow:
+      return select(i, out)[0], overflowed
+    return lax.cond(overflowed, lambda out: (out, overflowed), lambda out: select(i, out), out)
 
   def empty(k):
     return jnp.zeros((rows, tiles, k), jnp.float32), jnp.zeros((rows, tiles, k), jnp.int32)
 
-  main = (empty(spec.k)[0],) + empty(spec.k)
+  scores = (jnp.full((rows, tiles, spec.k), jnp.inf, jnp.float32) if skip_after_overflow
+            else empty(spec.k)[0])
+  main = (scores,) + empty(spec.k)
   aux = None if aux_mask is None else empty(spec.aux_k)
-  main, aux = lax.fori_loop(0, tiles, body, (main, aux))
+  (main, aux), _ = lax.fori_loop(0, tiles, body, ((main, aux), jnp.asarray(False)))
   return jax.tree.map(lambda a: a.reshape(batch, -1), (main, aux))
 
 
@@ -564,7 +626,8 @@ def _kth_largest_key(keys, count):
 
   def body(_, bounds):
     lo, hi = bounds
-    mid = lo + (hi - lo + 1) // 2  # never overflows: lo <= mid <= hi
+    # ceil((lo + hi) / 2) without overflowing int32: lo < mid <= hi when lo < hi.
+    mid = (lo >> 1) + (hi >> 1) + (((lo & 1) + (hi & 1) + 1) >> 1)
     enough = jnp.sum(keys >= mid) >= count
     return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
 
@@ -656,7 +719,10 @@ def _encoder_grads(x, W_enc, g, latents, tokens, init=None):
   added to `init` (a tuple of the three) when given."""
   n = W_enc.shape[1]
   if init is None:
-    init = (None, None, jnp.zeros((n,), jnp.float32))
+    # Zeros made as a flat vector: XLA would otherwise merge them with the
+    # decoder's equal zeros and copy that buffer into each accumulator.
+    d = x.shape[1]
+    init = (None, jnp.zeros((n * d,), jnp.float32).reshape(n, d), jnp.zeros((n,), jnp.float32))
   # d_x gathers columns of W_enc; callers that do not use d_x (the SAEs route
   # b_dec's gradient elsewhere) let XLA drop this loop and the transpose.
   W_enc_t = lax.optimization_barrier(W_enc.T)
@@ -779,13 +845,17 @@ def capacity_select(x, W_enc, b_enc, capacity, *, threshold=None, margin=0.0,
   (see `lax.cond` in the ReLU and JumpReLU SAEs) so results stay exact.
   Without overflow the extra column holds only entries with score <= 0, which
   the activations zero, so it is returned as is: slicing the outputs of a
-  top-k makes XLA on CPU turn it into a full sort of each row.
+  top-k makes XLA on CPU turn it into a full sort of each row. Entries with
+  score <= 0 are not ranked among themselves (`EncoderSpec.positive_only`): past
+  a token's positive entries the slots hold some non-positive entries, with
+  their pre-activations as values.
 
   Returns:
     (values [B, capacity + 1] pre-activations, latents [B, capacity + 1],
     overflow bool scalar).
   """
-  spec = EncoderSpec(k=capacity + 1, margin=margin, block_size=block_size, dtype=dtype)
+  spec = EncoderSpec(k=capacity + 1, margin=margin, block_size=block_size, dtype=dtype,
+                     positive_only=True)
   out = encode_select(x, W_enc, b_enc, spec, threshold=threshold)
   return out.values, out.latents, jnp.any(out.min_score > 0)
 

@@ -25,18 +25,20 @@ from dictlearn.sae import kernels
 
 
 # AuxK runs densely over the gathered dead latents when at most
-# max(aux_k, min(n_latents // _AUX_DENSE_FRACTION, _AUX_DENSE_MAX)) are dead (the
-# usual case). The absolute bound keeps the dense [B, cap] pre-activations (and
-# their gradient) small for million-latent dictionaries; beyond it the encoder's
-# blocked AuxK selection serves.
+# max(aux_k, n_latents // _AUX_DENSE_FRACTION) are dead (the usual case), for
+# dictionaries of at most _AUX_DENSE_MAX_LATENTS latents. Larger ones always use
+# the encoder's (blocked) AuxK selection: the dense path's gathered [B, cap]
+# pre-activations and its whole-dictionary gradients would cost gigabytes there.
 _AUX_DENSE_FRACTION = 8
-_AUX_DENSE_MAX = 16384
+_AUX_DENSE_MAX_LATENTS = 1 << 17
 
 
 def aux_dense_cap(sae):
-  """Most dead latents for which AuxK runs densely over the gathered dead ones."""
-  dense = min(sae.n_latents // _AUX_DENSE_FRACTION, _AUX_DENSE_MAX)
-  return min(sae.n_latents, max(sae.cfg.aux_k, dense))
+  """Most dead latents for which AuxK runs densely over the gathered dead ones
+  (0: never; the encoder's AuxK selection serves whenever a latent is dead)."""
+  if sae.n_latents > _AUX_DENSE_MAX_LATENTS:
+    return 0
+  return min(sae.n_latents, max(sae.cfg.aux_k, sae.n_latents // _AUX_DENSE_FRACTION))
 
 
 def _dead_first(dead_mask):
@@ -111,12 +113,15 @@ def aux_k_loss(sae, params, enc, x_in, err, dead_mask):
     params, x_in = operands
     return loss(_aux_reconstruction_dense(sae, params, x_in, dead_mask, cap))
 
-  branch = jnp.where(n_dead == 0, 0, jnp.where(n_dead <= cap, 1, 2))
   # Rematerialised branches save only their operands for the backward pass:
   # otherwise every step would carry the dense branch's [B, cap] residuals, as
   # zeros when (usually) another branch runs.
-  aux = lax.switch(branch, [lambda ops: jnp.zeros((), jnp.float32), jax.checkpoint(dense),
-                            jax.checkpoint(sparse)], (params, x_in))
+  branches = [lambda ops: jnp.zeros((), jnp.float32)]
+  if cap:
+    branches.append(jax.checkpoint(dense))
+  branches.append(jax.checkpoint(sparse))
+  branch = jnp.where(n_dead == 0, 0, jnp.where(n_dead <= cap, 1, len(branches) - 1))
+  aux = lax.switch(branch, branches, (params, x_in))
   return aux, n_dead
 
 
@@ -124,7 +129,6 @@ class TopKSAE(base.SparseAutoencoder):
   """Per-token TopK SAE with AuxK, unit-norm decoder rows and sparse kernels."""
   name = 'topk'
   unit_norm_decoder = True
-  uses_dead_mask = True
 
   def __init__(self, cfg, d_model):
     super().__init__(cfg, d_model)
@@ -153,8 +157,10 @@ class TopKSAE(base.SparseAutoencoder):
     b_dec = params['b_dec'].astype(jnp.float32)
     x_in = x.astype(jnp.float32) - b_dec
     shift = b_dec - lax.stop_gradient(b_dec)  # zero, with b_dec's gradient
+    # W_enc's own gradient through this product is outer(shift, .) = 0 exactly:
+    # stopping it saves a whole [d, n] outer product and its addition.
     b_enc = params['b_enc'].astype(jnp.float32) - jnp.dot(
-        shift, params['W_enc'].astype(jnp.float32))
+        shift, lax.stop_gradient(params['W_enc']).astype(jnp.float32))
     aux_k = self.cfg.aux_k if dead_mask is not None else 0
     spec = self._spec(k=self.cfg.k if k is None else k, aux_k=aux_k,
                       aux_min_dead=aux_dense_cap(self), batch_k_per_token=batch_k_per_token)

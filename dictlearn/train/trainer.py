@@ -74,29 +74,16 @@ def make_train_step(sae: SparseAutoencoder, tx: optax.GradientTransformation,
     coefficient = sparsity(step)
     dead_mask = stats['steps_since_fired'] >= dead_steps
 
-    def update(dead):
-      """Loss, gradients and the optimizer update; `dead` is passed to the forward."""
-      def loss_fn(p):
-        out = sae.forward(p, state['buffers'], batch, sparsity_coefficient=coefficient,
-                          dead_mask=dead)
-        return out.loss, out
-      (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-      grads = sae.process_grads(params, grads)
-      grad_norm = optax.tree.norm(grads)
-      updates, opt_state = tx.update(grads, state['opt_state'], params)
-      new_params = sae.process_params(optax.apply_updates(params, updates))
-      return loss, out, grad_norm, new_params, opt_state
+    def loss_fn(p):
+      out = sae.forward(p, state['buffers'], batch, sparsity_coefficient=coefficient,
+                        dead_mask=dead_mask)
+      return out.loss, out
 
-    if sae.uses_dead_mask:
-      # With no dead latent (always early in training) the dead-latent terms are
-      # exactly zero: run the step without them, since their graph under autodiff
-      # costs whole passes over the parameters even when it is skipped. The update
-      # sits inside the branches so that the gradients never have to exist as
-      # branch outputs (XLA fuses their layout changes into the optimizer).
-      loss, out, grad_norm, params, opt_state = jax.lax.cond(
-          jnp.any(dead_mask), update, lambda _: update(None), dead_mask)
-    else:
-      loss, out, grad_norm, params, opt_state = update(dead_mask)
+    (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    grads = sae.process_grads(params, grads)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state['opt_state'], params)
+    params = sae.process_params(optax.apply_updates(params, updates))
 
     stats = update_latent_stats(stats, out.fired, step, batch.shape[0], log_every)
     frequency = stats['fire_count'] / stats['window_tokens']
