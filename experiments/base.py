@@ -47,7 +47,7 @@ def get_config(arg=None):
   c.sae.batchtopk_threshold_momentum = 0.99  # EMA momentum of the inference threshold learned by batchtopk
   c.sae.decoder_init_norm = 0.1  # initial decoder row norm of relu_l1 (the others keep unit rows)
   c.sae.encoder_block_size = 0  # latents per encoder block with a running top-k merge; 0 = one block
-  c.sae.sparse_capacity = 0  # relu_l1/jumprelu: non-zeros per token decoded sparsely (0 = dense); batchtopk: candidates per token (>= k; 0 = exact batch search)
+  c.sae.sparse_capacity = 0  # relu_l1/jumprelu: slots per token, on average over groups of 64 tokens, for the non-zeros followed sparsely (0 = dense; more falls back to dense); batchtopk: candidates per token (>= k; 0 = exact batch search)
   c.sae.dtype = 'float32'  # compute dtype of the SAE forward pass
   c.sae.param_dtype = 'float32'  # storage dtype of the parameters
 

@@ -204,27 +204,6 @@ def test_batch_selection_overflow_flag():
   assert int(jnp.sum(out.tokens == 0)) > 8
 
 
-# ---- capacity ----------------------------------------------------------------
-
-
-def test_capacity_select_overflow():
-  n = 64
-  x, w, b, _, _ = _inputs(n, True)
-  pre = x @ w + b
-  nnz = int(jnp.max(jnp.sum(pre > 0, axis=1)))
-  values, latents, overflow = kernels.capacity_select(x, w, b, nnz)
-  assert not bool(overflow)
-  acts = jax.nn.relu(pre)
-  _close(kernels.densify(jax.nn.relu(values), latents, n), acts)
-  _, _, overflow = kernels.capacity_select(x, w, b, nnz - 1)
-  assert bool(overflow)
-  # With a threshold and margin: entries with (pre - theta) + margin > 0 count.
-  theta = jnp.full((n,), 1.0)
-  need = int(jnp.max(jnp.sum((pre - theta) + 0.5 > 0, axis=1)))
-  assert not bool(kernels.capacity_select(x, w, b, need, threshold=theta, margin=0.5)[2])
-  assert bool(kernels.capacity_select(x, w, b, need - 1, threshold=theta, margin=0.5)[2])
-
-
 # ---- sharding and dtype ------------------------------------------------------
 
 
@@ -394,24 +373,3 @@ def test_zero_cotangent_skips_encoder_backward():
   for g, a in zip(grads, (x, w, b)):
     assert g.shape == a.shape
     np.testing.assert_array_equal(g, 0.0)
-
-
-@pytest.mark.parametrize('tiled', [False, True])
-def test_capacity_select_overflow_with_row_tiles(tiled, monkeypatch):
-  # Past an overflowing tile the capacity selection skips the rest (the caller
-  # recomputes densely); the overflow flag and, without overflow, the kept
-  # activations must not depend on the tiling.
-  if tiled:
-    monkeypatch.setattr(kernels, '_TILE_BYTES', 4 * 4 * 64)
-    monkeypatch.setattr(kernels, '_MIN_TILE_ROWS', 1)
-    assert kernels._tile_rows(B, 64) == 4
-  n = 64
-  x, w, b, _, _ = _inputs(n, True, seed=6)
-  pre = x @ w + b
-  counts = np.asarray(jnp.sum(pre > 0, axis=1))
-  for capacity in (int(counts.max()), int(counts.max()) - 1, int(counts.min())):
-    values, latents, overflow = jax.jit(
-        lambda x, w, b, c=capacity: kernels.capacity_select(x, w, b, c))(x, w, b)
-    assert bool(overflow) == bool(counts.max() > capacity)
-    if not bool(overflow):
-      _close(kernels.densify(jax.nn.relu(values), latents, n), jax.nn.relu(pre))

@@ -120,14 +120,19 @@ REFERENCES = {'topk': _topk_ref, 'batchtopk': _batchtopk_ref, 'relu_l1': _relu_l
 
 
 def _check_against_reference(cfg, params, buffers, x, coef, dead):
+  """Autodiff of `forward` and the trainer's `loss_and_grads` both match the recipe."""
   sae = sae_lib.make_sae(cfg, D)
   (loss, out), grads = _loss_and_grad(sae, params, buffers, x, coef, dead)
+  out2, grads2 = jax.jit(lambda p: sae.loss_and_grads(p, buffers, x, sparsity_coefficient=coef,
+                                                      dead_mask=dead))(params)
   ref = lambda p: REFERENCES[cfg.architecture](cfg, p, x, coef, dead)
   ref_loss, ref_grads = jax.jit(jax.value_and_grad(ref))(params)
-  _close(loss, ref_loss)
-  assert set(grads) == set(ref_grads)
-  for name in grads:
-    _close(grads[name], ref_grads[name])
+  for l, g in ((loss, grads), (out2.loss, grads2)):
+    _close(l, ref_loss)
+    assert set(g) == set(ref_grads)
+    for name in g:
+      _close(g[name], ref_grads[name])
+  assert set(out2.metrics) == set(out.metrics)
   return out, grads
 
 
@@ -140,7 +145,8 @@ def test_make_sae_unknown_name_lists_valid_ones():
 
 
 @pytest.mark.parametrize('field,value', [('dtype', 'float16'), ('encoder_block_size', 48),
-                                         ('k', 0), ('sparse_capacity', N)])
+                                         ('k', 0), ('sparse_capacity', N + 1),
+                                         ('sparse_capacity', -1)])
 def test_bad_config_raises(field, value):
   with pytest.raises(ValueError, match=field):
     sae_lib.make_sae(_cfg('topk' if field != 'sparse_capacity' else 'relu_l1',

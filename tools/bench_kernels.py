@@ -50,9 +50,8 @@ def _sae(arch, n_latents, k, capacity):
 
 def _sae_step(sae):
   def step(params, x, dead):
-    def loss(p):
-      return sae.forward(p, {}, x, sparsity_coefficient=1.0, dead_mask=dead).loss
-    return jax.value_and_grad(loss)(params)
+    out, grads = sae.loss_and_grads(params, {}, x, sparsity_coefficient=1.0, dead_mask=dead)
+    return out.loss, grads
   return jax.jit(step)
 
 
@@ -74,7 +73,8 @@ def main():
   parser.add_argument('--n_latents', type=int, default=16384)
   parser.add_argument('--batch', type=int, default=4096)
   parser.add_argument('--k', type=int, default=32)
-  parser.add_argument('--capacity', type=int, default=128, help='relu_l1 sparse_capacity')
+  parser.add_argument('--capacity', type=int, default=64,
+                      help='relu_l1 sparse_capacity (slots per token on average)')
   parser.add_argument('--repeats', type=int, default=5)
   args = parser.parse_args()
   d, n, batch, k = args.d_model, args.n_latents, args.batch, args.k

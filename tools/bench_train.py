@@ -57,8 +57,9 @@ def bench_config(arch: str, n_latents: int, batch: int, k: int, steps: int):
   c.sae.architecture, c.sae.n_latents, c.sae.k = arch, n_latents, k
   c.sae.aux_k = 512
   c.sae.sparsity_coefficient = 1.0
-  # relu/jumprelu: non-zeros followed sparsely; batchtopk: candidates per token.
-  c.sae.sparse_capacity = 4 * k if arch in ('relu_l1', 'jumprelu', 'batchtopk') else 0
+  # relu/jumprelu: slots per token on average for the non-zeros; batchtopk:
+  # candidates per token.
+  c.sae.sparse_capacity = {'relu_l1': 2 * k, 'jumprelu': 2 * k, 'batchtopk': 4 * k}.get(arch, 0)
   c.train.batch_size, c.train.num_steps = batch, steps
   c.mesh.shape = (1, 1)
   c.lock()
@@ -130,6 +131,11 @@ def run_peer(python: str, script: str, args: list, timeout: int = 1800) -> float
   return float(match.group(1))
 
 
+def regimes_of(arch: str) -> list[str]:
+  """The states an architecture is timed in (see the module docstring)."""
+  return ['init', 'sparse'] if arch in ('relu_l1', 'jumprelu') else ['init']
+
+
 def peer_runs(arch: str, d: int, n: int, batch: int, k: int, steps: int):
   """(label, script, args) of the peers that run this architecture."""
   if arch in ('topk', 'batchtopk'):
@@ -195,36 +201,42 @@ def main(argv=None) -> int:
   rows = []
   for shape in args.shapes:
     d, n = (int(v) for v in shape.split('x'))
+    runners = {(arch, regime): make_step_runner(arch, d, n, args.batch, args.k, regime)
+               for arch in args.arch for regime in regimes_of(arch)}
+    # Each peer runs once a round, shared by the architectures it is compared with.
+    peer_jobs = {}
     for arch in args.arch:
-      regimes = ['init', 'sparse'] if arch in ('relu_l1', 'jumprelu') else ['init']
-      runners = {r: make_step_runner(arch, d, n, args.batch, args.k, r) for r in regimes}
-      ceilings, ours, peers, extra = [], {r: [] for r in regimes}, {}, {}
-      for _ in range(args.rounds):
-        ceilings.append(time_ceiling(d, n, args.batch, args.repeats))
-        for regime, run in runners.items():
-          seconds, metrics = run(args.repeats)
-          ours[regime].append(seconds)
-          extra[regime] = {m: float(metrics[m]) for m in ('l0', 'overflow') if m in metrics}
-        if use_peers:
-          for label, script, peer_args in peer_runs(arch, d, n, args.batch, args.k, args.repeats):
-            rate = run_peer(args.peers, script, peer_args)
-            if rate is not None:
-              peers.setdefault(label, []).append(rate)
-      del runners
-      ceiling_rate = args.batch / statistics.median(ceilings)
-      for regime in regimes:
-        rate = args.batch / statistics.median(ours[regime])
-        state = {'init': 'init', 'sparse': 'L0~k'}[regime]
-        note = ', '.join(f'{m} {v:.3g}' for m, v in extra[regime].items())
-        row = (f'{arch:9s} {state:5s} d={d} n={n:<6d} {rate:8,.0f} tok/s | ceiling '
-               f'{ceiling_rate:8,.0f} tok/s, {100 * rate / ceiling_rate:5.1f}%')
-        for label, rates in peers.items():
-          peer = statistics.median(rates)
+      for label, script, peer_args in peer_runs(arch, d, n, args.batch, args.k, args.repeats):
+        peer_jobs[label] = (script, peer_args)
+    ceilings, ours, peers, extra = [], {key: [] for key in runners}, {}, {}
+    for r in range(args.rounds):
+      ceilings.append(time_ceiling(d, n, args.batch, args.repeats))
+      for key, run in runners.items():
+        seconds, metrics = run(args.repeats)
+        ours[key].append(seconds)
+        extra[key] = {m: float(metrics[m]) for m in ('l0', 'overflow') if m in metrics}
+      if use_peers:
+        for label, (script, peer_args) in peer_jobs.items():
+          rate = run_peer(args.peers, script, peer_args)
+          if rate is not None:
+            peers.setdefault(label, []).append(rate)
+      print(f'  {shape}: round {r + 1}/{args.rounds} done', flush=True)
+    del runners
+    ceiling_rate = args.batch / statistics.median(ceilings)
+    for (arch, regime), seconds in ours.items():
+      rate = args.batch / statistics.median(seconds)
+      state = {'init': 'init', 'sparse': 'L0~k'}[regime]
+      note = ', '.join(f'{m} {v:.3g}' for m, v in extra[(arch, regime)].items())
+      row = (f'{arch:9s} {state:5s} d={d} n={n:<6d} {rate:8,.0f} tok/s | ceiling '
+             f'{ceiling_rate:8,.0f} tok/s, {100 * rate / ceiling_rate:5.1f}%')
+      for label, _, _ in peer_runs(arch, d, n, args.batch, args.k, args.repeats):
+        if label in peers:
+          peer = statistics.median(peers[label])
           row += f' | {label} {peer:6,.0f} tok/s, x{rate / peer:.2f}'
-        if note:
-          row += f' | last step: {note}'
-        print(row, flush=True)
-        rows.append(row)
+      if note:
+        row += f' | last step: {note}'
+      print(row, flush=True)
+      rows.append(row)
   print('\n'.join(['', 'summary (medians over rounds):'] + rows), flush=True)
   if args.loader:
     bench_loader(576, args.batch, steps=20)

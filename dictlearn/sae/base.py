@@ -17,6 +17,7 @@ from jax import lax
 import jax.numpy as jnp
 import ml_collections
 
+from dictlearn.sae import capacity as capacity_lib
 from dictlearn.sae import kernels
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -158,6 +159,23 @@ class SparseAutoencoder(abc.ABC):
   def forward(self, params, buffers, x, *, sparsity_coefficient, dead_mask) -> ForwardOutput:
     """Training forward pass on x [B, d_model]; see ForwardOutput."""
 
+  def loss_and_grads(self, params, buffers, x, *, sparsity_coefficient,
+                     dead_mask) -> tuple[ForwardOutput, dict]:
+    """The training loss of `forward` and its gradient wrt params: (out, grads).
+
+    The trainer calls this. Architectures whose forward branches at run time
+    (a sparse path with a dense fallback) override it so that each branch is
+    differentiated on its own: then no branch's residuals cross the branch and
+    nothing is recomputed in the backward pass.
+    """
+    def loss_fn(p):
+      out = self.forward(p, buffers, x, sparsity_coefficient=sparsity_coefficient,
+                         dead_mask=dead_mask)
+      return out.loss, out
+
+    (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return out, grads
+
   @abc.abstractmethod
   def encode(self, params, buffers, x) -> jax.Array:
     """Inference activations, dense [B, n_latents] float32."""
@@ -196,6 +214,41 @@ class SparseAutoencoder(abc.ABC):
     return kernels.EncoderSpec(block_size=self.block_size,
                                dtype=jnp.dtype(self.dtype).name, **fields)
 
+  def _select_positive(self, params, x_in, threshold=None, margin=0.0):
+    """The capacity selection of `sparse_capacity` slots per token (no gradient)."""
+    stop = lax.stop_gradient
+    return capacity_lib.select_positive(
+        stop(x_in), stop(params['W_enc']), stop(params['b_enc']), self.cfg.sparse_capacity,
+        threshold=None if threshold is None else stop(threshold), margin=margin,
+        block_size=self.block_size, dtype=jnp.dtype(self.dtype).name)
+
+  def _capacity_branches(self, params, selection, dense, sparse, *, grads):
+    """`sparse(params, selection)` when the selection holds the batch, else `dense(params)`.
+
+    Both return a ForwardOutput; an 'overflow' metric (1 when the batch ran the
+    dense formulation) is added. With grads=True, returns (out, grads) with each
+    branch differentiated on its own; otherwise out, with the dense branch
+    rematerialised so that it saves no [B, n] residual for the (usual) sparse
+    branch to carry as zeros.
+    """
+    if grads:
+      def differentiate(loss):
+        def run(p):
+          def f(q):
+            out = loss(q)
+            return out.loss, out
+          (_, out), g = jax.value_and_grad(f, has_aux=True)(p)
+          return out, g
+        return run
+      out, g = lax.cond(selection.overflow, differentiate(dense),
+                        differentiate(lambda p: sparse(p, selection)), params)
+    else:
+      out = lax.cond(selection.overflow, jax.checkpoint(dense),
+                     lambda p: sparse(p, selection), params)
+    out = out._replace(metrics=dict(out.metrics,
+                                    overflow=selection.overflow.astype(jnp.float32)))
+    return (out, g) if grads else out
+
   def _threshold_reconstruct(self, params, x_in, threshold, act_fn):
     """Inference reconstruction of a threshold activation, sparse when it fits.
 
@@ -206,32 +259,27 @@ class SparseAutoencoder(abc.ABC):
       act_fn: dense activation, pre [B, n] -> acts [B, n], for the fallback.
 
     Returns:
-      [B, d] float32. With sparse_capacity > 0, follows up to that many active
-      latents per token sparsely and falls back to the dense decode for batches
-      where a token has more (so the result is always exact).
+      [B, d] float32. With sparse_capacity > 0, follows the active latents
+      sparsely (`capacity.select_positive`) and falls back to the dense decode
+      for batches that overflow it (so the result is always exact).
     """
-    capacity = self.cfg.sparse_capacity
     dense = lambda: self.decode(params, act_fn(self._preacts(params, x_in)))
-    if not capacity:
+    if not self.cfg.sparse_capacity:
       return dense()
-    values, latents, overflow = kernels.capacity_select(
-        x_in, params['W_enc'], params['b_enc'], capacity, threshold=threshold,
-        block_size=self.block_size, dtype=jnp.dtype(self.dtype).name)
+    sel = self._select_positive(params, x_in, threshold)
 
     def sparse():
-      acts = jnp.where(values > threshold[latents], values, 0.0)
-      y = kernels.sparse_decode(acts, latents, params['W_dec'])
+      acts = jnp.where(sel.values > threshold[sel.latents], sel.values, 0.0)
+      y = kernels.sparse_decode(acts, sel.latents, params['W_dec'], tokens=sel.tokens)
       return y + params['b_dec'].astype(jnp.float32)
 
-    return lax.cond(overflow, dense, sparse)
+    return lax.cond(sel.overflow, dense, sparse)
 
   def _check_capacity(self):
-    """Validates sparse_capacity for the ReLU-family architectures (C + 1 <= n)."""
+    """Validates sparse_capacity for the ReLU-family architectures (0 <= C <= n)."""
     capacity = self.cfg.sparse_capacity
-    if capacity < 0 or capacity >= self.n_latents:
-      raise ValueError(f'sae.sparse_capacity={capacity} must be in [0, n_latents) '
+    if not 0 <= capacity <= self.n_latents:
+      raise ValueError(f'sae.sparse_capacity={capacity} must be in [0, n_latents] '
                        f'(n_latents={self.n_latents})')
-    if capacity:
-      kernels.check_block_size(self.n_latents, self.block_size, capacity + 1)
-    elif self.block_size:
+    if self.block_size:
       kernels.check_block_size(self.n_latents, self.block_size, 1)

@@ -31,18 +31,19 @@ rows). And nothing revives a latent whose pre-activations stay below
 theta - eps / 2, since no gradient reaches it; on the synthetic ground truth
 about 60% of the latents die that way (tests/test_ground_truth.py).
 
-With `sparse_capacity` C > 0, each token's entries with z > theta - eps (the
-active ones and those inside the kernel band, i.e. every entry with a non-zero
-gradient) are followed sparsely, up to C; a batch where some token has more is
-computed densely (`lax.cond`), so loss and gradients are always exact.
+With `sparse_capacity` C > 0, the entries with z > theta - eps (the active ones
+and those inside the kernel band, i.e. every entry with a non-zero gradient)
+are followed sparsely as flat triples, C slots per token on average
+(`capacity.select_positive`); a batch with more is computed densely
+(`lax.cond`), so loss and gradients are always exact.
 """
 import functools
 
 import jax
-from jax import lax
 import jax.numpy as jnp
 
 from dictlearn.sae import base
+from dictlearn.sae import capacity
 from dictlearn.sae import kernels
 
 
@@ -127,54 +128,61 @@ class JumpReLUSAE(base.SparseAutoencoder):
     """theta = exp(log_threshold), [n] float32."""
     return jnp.exp(params['log_threshold'].astype(jnp.float32))
 
-  def _dense_parts(self, operands):
-    """(x_hat, l0 penalty, fired) by the dense formulation."""
-    x, params = operands[:2]
+  def _output(self, params, x, x_hat, l0, fired, coefficient):
+    mse, fvu = base.reconstruction_metrics(x, x_hat)
+    metrics = {
+        'mse': mse, 'fvu': fvu, 'l0': l0, 'l0_penalty': l0,
+        'threshold_mean': jnp.mean(self.threshold(params)),
+    }
+    return base.ForwardOutput(mse + coefficient * l0, metrics, fired, {})
+
+  def _dense_loss(self, params, x, coefficient):
+    """The loss by the dense formulation."""
     pre = self._preacts(params, x)
     theta = jnp.broadcast_to(self.threshold(params), pre.shape)
     acts = jumprelu(pre, theta, self.bandwidth)
     x_hat = self.decode(params, acts)
     l0 = jnp.sum(step(pre, theta, self.bandwidth)) / x.shape[0]
-    return x_hat, l0, jnp.sum((pre > theta).astype(jnp.float32), axis=0)
+    fired = jnp.sum((pre > theta).astype(jnp.float32), axis=0)
+    return self._output(params, x, x_hat, l0, fired, coefficient)
 
-  def _sparse_parts(self, operands):
-    """(x_hat, l0 penalty, fired) from the selected entries (no overflow)."""
-    x, params, values, latents = operands
+  def _sparse_loss(self, params, x, selection, coefficient):
+    """The loss from the selected entries (when the selection holds them all)."""
+    values = capacity.with_encoder_vjp(selection, x, params['W_enc'], params['b_enc'])
+    latents = selection.latents
     theta = self.threshold(params)[latents]
     acts = jumprelu(values, theta, self.bandwidth)
-    x_hat = (kernels.sparse_decode(acts, latents, params['W_dec'])
+    x_hat = (kernels.sparse_decode(acts, latents, params['W_dec'], tokens=selection.tokens)
              + params['b_dec'].astype(jnp.float32))
     l0 = jnp.sum(step(values, theta, self.bandwidth)) / x.shape[0]
     fired = jax.ops.segment_sum((values > theta).astype(jnp.float32).reshape(-1),
                                 latents.reshape(-1), num_segments=self.n_latents)
-    return x_hat, l0, fired
+    return self._output(params, x, x_hat, l0, fired, coefficient)
+
+  def _branches(self, params, x, coefficient, grads):
+    """The sparse path, or the dense one for a batch that overflows its capacity.
+
+    Selected are the entries with (z - theta) + eps > 0: every one that is
+    active or inside the kernel band (|z - theta| < eps / 2), i.e. every entry
+    with a non-zero gradient, computed with the same float ops as the band test.
+    """
+    selection = self._select_positive(params, x, self.threshold(params), self.bandwidth)
+    return self._capacity_branches(
+        params, selection, lambda p: self._dense_loss(p, x, coefficient),
+        lambda p, sel: self._sparse_loss(p, x, sel, coefficient), grads=grads)
 
   def forward(self, params, buffers, x, *, sparsity_coefficient, dead_mask):
-    del dead_mask
+    del buffers, dead_mask
     x = x.astype(jnp.float32)
-    capacity = self.cfg.sparse_capacity
-    if not capacity:
-      x_hat, l0, fired = self._dense_parts((x, params))
-    else:
-      # Entries with (z - theta) + eps > 0 include every one that is active or
-      # inside the kernel band (|z - theta| < eps / 2), computed with the same
-      # float ops as the backward's band test.
-      values, latents, overflow = kernels.capacity_select(
-          x, params['W_enc'], params['b_enc'], capacity,
-          threshold=lax.stop_gradient(self.threshold(params)), margin=self.bandwidth,
-          block_size=self.block_size, dtype=jnp.dtype(self.dtype).name)
-      x_hat, l0, fired = lax.cond(
-          overflow, jax.checkpoint(self._dense_parts), self._sparse_parts,
-          (x, params, values, latents))
-    mse, fvu = base.reconstruction_metrics(x, x_hat)
-    loss = mse + sparsity_coefficient * l0
-    metrics = {
-        'mse': mse, 'fvu': fvu, 'l0': l0, 'l0_penalty': l0,
-        'threshold_mean': jnp.mean(self.threshold(params)),
-    }
-    if capacity:  # 1 when this batch fell back to the dense formulation
-      metrics['overflow'] = overflow.astype(jnp.float32)
-    return base.ForwardOutput(loss, metrics, fired, buffers)
+    if not self.cfg.sparse_capacity:
+      return self._dense_loss(params, x, sparsity_coefficient)
+    return self._branches(params, x, sparsity_coefficient, grads=False)
+
+  def loss_and_grads(self, params, buffers, x, *, sparsity_coefficient, dead_mask):
+    if not self.cfg.sparse_capacity:
+      return super().loss_and_grads(params, buffers, x, sparsity_coefficient=sparsity_coefficient,
+                                    dead_mask=dead_mask)
+    return self._branches(params, x.astype(jnp.float32), sparsity_coefficient, grads=True)
 
   def _inference_act(self, params):
     theta = self.threshold(params)

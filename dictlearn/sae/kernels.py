@@ -3,8 +3,8 @@
 The dense encoder product `x @ W_enc` ([B, d] x [d, n]) is the only cost of an
 SAE step that must touch every latent. Everything after it follows only the
 selected latents: the forward keeps the selected pre-activations (top-k per
-token, top-(k*B) across the batch, or every non-zero up to a capacity), and the
-backward of the encoder and both passes of the decoder gather and scatter rows
+token or top-(k*B) across the batch here; every non-zero up to a capacity in
+`capacity`), and the backward of the encoder and both passes of the decoder gather and scatter rows
 of the weights at the selected indices.
 
 The [B, n] pre-activation matrix never exists whole: the encoder runs over
@@ -264,10 +264,13 @@ def _row_dots(rows_src, latents, table, tokens):
   rows, m = latents.shape
   rows_src = rows_src.astype(jnp.float32)
 
-  def dots(src, lat):  # src: [t, d] or [t, m, d]
+  def dots(src, lat):  # src: [t, d] (row r's) or [t, m, d]
+    gathered = table[lat].astype(jnp.float32)
     if src.ndim == 2:
-      src = src[:, None, :]
-    return jnp.sum(src * table[lat].astype(jnp.float32), axis=-1)
+      # A batched matrix-vector product: about 2x faster on CPU than the
+      # elementwise product and reduction XLA otherwise emits.
+      return jnp.einsum('tmd,td->tm', gathered, src, preferred_element_type=jnp.float32)
+    return jnp.sum(src * gathered, axis=-1)
 
   tile = _row_tile(rows, m, table.shape[1])
   if tile == rows:
@@ -357,11 +360,6 @@ class EncoderSpec:
     margin: selection score is (pre - threshold) + margin.
     block_size: latents per encoder block (0 = one block).
     dtype: name of the matmul input dtype ('float32' or 'bfloat16').
-    positive_only: per-token mode: only entries with a positive score matter
-      (capacity selection); the others are ranked as -inf, so the slots past a
-      token's positive entries hold arbitrary non-positive entries (their
-      scores -inf, their values the pre-activations there), which makes the
-      selection much cheaper.
   """
   k: int
   aux_k: int = 0
@@ -370,7 +368,6 @@ class EncoderSpec:
   margin: float = 0.0
   block_size: int = 0
   dtype: str = 'float32'
-  positive_only: bool = False
 
 
 class EncoderOutput(NamedTuple):
@@ -463,15 +460,13 @@ def _select_tile(x, W_enc, b_enc, threshold, aux_mask, spec):
   vectors = (bias,) if threshold is None else (bias, threshold.astype(jnp.float32))
 
   def score(r, b, *thr):
-    s = _scores(r + b, thr[0] if thr else None, spec)
-    return jnp.where(s > 0, s, -jnp.inf) if spec.positive_only else s
+    return _scores(r + b, thr[0] if thr else None, spec)
 
   def pre_at(latents):
     return jnp.take_along_axis(raw, latents, axis=-1) + bias[latents]
 
   top_scores, latents = _top_k_of(raw, spec.k, vectors, score)
-  plain = (threshold is None and not spec.margin and not spec.batch_k_per_token
-           and not spec.positive_only)
+  plain = threshold is None and not spec.margin and not spec.batch_k_per_token
   main = (top_scores, top_scores if plain else pre_at(latents), latents)
   aux = None
   if aux_mask is not None:
@@ -489,11 +484,6 @@ def _select_row_tiles(x, W_enc, b_enc, threshold, aux_mask, spec):
   Tile i holds rows i, i + T, i + 2T, ... (T tiles): x viewed as [rows, T, d]
   keeps any sharding of the batch on its leading axis, and the loop runs along
   the unsharded one.
-
-  A capacity selection (`spec.positive_only`) is useless once a token has
-  overflowed (the caller then recomputes the batch densely), so the tiles after
-  the first overflowing one are skipped, matmul included; they keep scores of
-  +inf, which the overflow test reads as overflowing.
   """
   batch, d = x.shape
   rows = _tile_rows(batch, W_enc.shape[1])
@@ -501,28 +491,19 @@ def _select_row_tiles(x, W_enc, b_enc, threshold, aux_mask, spec):
     return _select_tile(x, W_enc, b_enc, threshold, aux_mask, spec)
   tiles = batch // rows
   x3 = x.reshape(rows, tiles, d)
-  skip_after_overflow = spec.positive_only and aux_mask is None
 
-  def select(i, out):
+  def body(i, out):
     x_tile = lax.dynamic_index_in_dim(x3, i, axis=1, keepdims=False)
     new = _select_tile(x_tile, W_enc, b_enc, threshold, aux_mask, spec)
     put = lambda buf, a: lax.dynamic_update_index_in_dim(buf, a, i, axis=1)
-    return jax.tree.map(put, out, new), jnp.any(jnp.min(new[0][0], axis=-1) > 0)
-
-  def body(i, carry):
-    out, overflowed = carry
-    if not skip_after_overflow:
-      return select(i, out)[0], overflowed
-    return lax.cond(overflowed, lambda out: (out, overflowed), lambda out: select(i, out), out)
+    return jax.tree.map(put, out, new)
 
   def empty(k):
     return jnp.zeros((rows, tiles, k), jnp.float32), jnp.zeros((rows, tiles, k), jnp.int32)
 
-  scores = (jnp.full((rows, tiles, spec.k), jnp.inf, jnp.float32) if skip_after_overflow
-            else empty(spec.k)[0])
-  main = (scores,) + empty(spec.k)
+  main = (empty(spec.k)[0],) + empty(spec.k)
   aux = None if aux_mask is None else empty(spec.aux_k)
-  (main, aux), _ = lax.fori_loop(0, tiles, body, ((main, aux), jnp.asarray(False)))
+  main, aux = lax.fori_loop(0, tiles, body, (main, aux))
   return jax.tree.map(lambda a: a.reshape(batch, -1), (main, aux))
 
 
@@ -833,31 +814,6 @@ def topk_encode(x, W_enc, b_enc, k, *, block_size=0, dtype='float32'):
   """
   out = encode_select(x, W_enc, b_enc, EncoderSpec(k=k, block_size=block_size, dtype=dtype))
   return out.values, out.latents
-
-
-def capacity_select(x, W_enc, b_enc, capacity, *, threshold=None, margin=0.0,
-                    block_size=0, dtype='float32'):
-  """Keeps per token up to `capacity` entries whose score (pre - threshold) + margin > 0.
-
-  Selects the top capacity + 1 scores; the batch overflows when some token's
-  (capacity + 1)-th score is still positive, i.e. it has more entries that
-  matter than the capacity holds. The caller must then use a dense formulation
-  (see `lax.cond` in the ReLU and JumpReLU SAEs) so results stay exact.
-  Without overflow the extra column holds only entries with score <= 0, which
-  the activations zero, so it is returned as is: slicing the outputs of a
-  top-k makes XLA on CPU turn it into a full sort of each row. Entries with
-  score <= 0 are not ranked among themselves (`EncoderSpec.positive_only`): past
-  a token's positive entries the slots hold some non-positive entries, with
-  their pre-activations as values.
-
-  Returns:
-    (values [B, capacity + 1] pre-activations, latents [B, capacity + 1],
-    overflow bool scalar).
-  """
-  spec = EncoderSpec(k=capacity + 1, margin=margin, block_size=block_size, dtype=dtype,
-                     positive_only=True)
-  out = encode_select(x, W_enc, b_enc, spec, threshold=threshold)
-  return out.values, out.latents, jnp.any(out.min_score > 0)
 
 
 # ---------------------------------------------------------------------------

@@ -11,16 +11,18 @@ decoder is unconstrained: its rows start as random directions of norm
 W_enc starts as W_dec^T, biases at 0. The recipe assumes activations scaled so
 that E||x||^2 = d_model (the data layer's `normalize`).
 
-With `sparse_capacity` C > 0, each token's non-zeros (up to C) are followed
-sparsely through the decoder, the penalty and every backward pass; a batch in
-which some token has more than C non-zeros is computed with the dense
-formulation instead (`lax.cond`), so loss and gradients are always exact.
+With `sparse_capacity` C > 0, the non-zeros are followed sparsely through the
+decoder, the penalty and every backward pass, as flat (token, latent) triples
+with C slots per token on average (`capacity.select_positive`: tokens pool
+their slots in groups); a batch that has more non-zeros than a group's slots is
+computed with the dense formulation instead (`lax.cond`), so loss and
+gradients are always exact.
 """
 import jax
-from jax import lax
 import jax.numpy as jnp
 
 from dictlearn.sae import base
+from dictlearn.sae import capacity
 from dictlearn.sae import kernels
 
 
@@ -42,48 +44,49 @@ class ReluL1SAE(base.SparseAutoencoder):
   def init(self, key):
     return self._tied_init(key, self.cfg.decoder_init_norm), {}
 
-  def _dense_parts(self, operands):
-    """(x_hat, l1, fired, active) by the dense formulation."""
-    x, params = operands[:2]
+  def _output(self, x, x_hat, l1, fired, coefficient):
+    mse, fvu = base.reconstruction_metrics(x, x_hat)
+    metrics = {'mse': mse, 'fvu': fvu, 'l1': l1, 'l0': jnp.sum(fired) / x.shape[0]}
+    return base.ForwardOutput(mse + coefficient * l1, metrics, fired, {})
+
+  def _dense_loss(self, params, x, coefficient):
+    """The loss by the dense formulation."""
     acts = jax.nn.relu(self._preacts(params, x))
     x_hat = self.decode(params, acts)
     l1 = jnp.sum(acts * _row_norms(params['W_dec'])) / x.shape[0]
-    active = (acts > 0).astype(jnp.float32)
-    return x_hat, l1, jnp.sum(active, axis=0), jnp.sum(active)
+    fired = jnp.sum((acts > 0).astype(jnp.float32), axis=0)
+    return self._output(x, x_hat, l1, fired, coefficient)
 
-  def _sparse_parts(self, operands):
-    """(x_hat, l1, fired, active) from the per-token non-zeros (no overflow)."""
-    x, params, values, latents = operands
+  def _sparse_loss(self, params, x, selection, coefficient):
+    """The loss from the selected non-zeros (when the selection holds them all)."""
+    values = capacity.with_encoder_vjp(selection, x, params['W_enc'], params['b_enc'])
     acts = jax.nn.relu(values)
-    x_hat = (kernels.sparse_decode(acts, latents, params['W_dec'])
+    latents, tokens = selection.latents, selection.tokens
+    x_hat = (kernels.sparse_decode(acts, latents, params['W_dec'], tokens=tokens)
              + params['b_dec'].astype(jnp.float32))
     l1 = jnp.sum(acts * _row_norms(params['W_dec'])[latents]) / x.shape[0]
     fired = kernels.count_fired(acts, latents, self.n_latents)
-    return x_hat, l1, fired, jnp.sum(fired)
+    return self._output(x, x_hat, l1, fired, coefficient)
+
+  def _branches(self, params, x, coefficient, grads):
+    """The sparse path, or the dense one for a batch that overflows its capacity."""
+    return self._capacity_branches(
+        params, self._select_positive(params, x),
+        lambda p: self._dense_loss(p, x, coefficient),
+        lambda p, sel: self._sparse_loss(p, x, sel, coefficient), grads=grads)
 
   def forward(self, params, buffers, x, *, sparsity_coefficient, dead_mask):
-    del dead_mask
+    del buffers, dead_mask
     x = x.astype(jnp.float32)
-    capacity = self.cfg.sparse_capacity
-    if not capacity:
-      x_hat, l1, fired, active = self._dense_parts((x, params))
-    else:
-      values, latents, overflow = kernels.capacity_select(
-          x, params['W_enc'], params['b_enc'], capacity, block_size=self.block_size,
-          dtype=jnp.dtype(self.dtype).name)
-      # The dense branch is rematerialised so that it saves no [B, n] residual
-      # that the (usual) sparse branch would have to carry as zeros.
-      x_hat, l1, fired, active = lax.cond(
-          overflow, jax.checkpoint(self._dense_parts), self._sparse_parts,
-          (x, params, values, latents))
-    mse, fvu = base.reconstruction_metrics(x, x_hat)
-    loss = mse + sparsity_coefficient * l1
-    metrics = {
-        'mse': mse, 'fvu': fvu, 'l1': l1, 'l0': active / x.shape[0],
-    }
-    if capacity:  # 1 when this batch fell back to the dense formulation
-      metrics['overflow'] = overflow.astype(jnp.float32)
-    return base.ForwardOutput(loss, metrics, fired, buffers)
+    if not self.cfg.sparse_capacity:
+      return self._dense_loss(params, x, sparsity_coefficient)
+    return self._branches(params, x, sparsity_coefficient, grads=False)
+
+  def loss_and_grads(self, params, buffers, x, *, sparsity_coefficient, dead_mask):
+    if not self.cfg.sparse_capacity:
+      return super().loss_and_grads(params, buffers, x, sparsity_coefficient=sparsity_coefficient,
+                                    dead_mask=dead_mask)
+    return self._branches(params, x.astype(jnp.float32), sparsity_coefficient, grads=True)
 
   def encode(self, params, buffers, x):
     return jax.nn.relu(self._preacts(params, x.astype(jnp.float32)))

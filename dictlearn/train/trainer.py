@@ -74,12 +74,9 @@ def make_train_step(sae: SparseAutoencoder, tx: optax.GradientTransformation,
     coefficient = sparsity(step)
     dead_mask = stats['steps_since_fired'] >= dead_steps
 
-    def loss_fn(p):
-      out = sae.forward(p, state['buffers'], batch, sparsity_coefficient=coefficient,
-                        dead_mask=dead_mask)
-      return out.loss, out
-
-    (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    out, grads = sae.loss_and_grads(params, state['buffers'], batch,
+                                    sparsity_coefficient=coefficient, dead_mask=dead_mask)
+    loss = out.loss
     grads = sae.process_grads(params, grads)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state['opt_state'], params)

@@ -1,0 +1,259 @@
+"""Capacity selection: every entry with a positive score, as flat triples.
+
+The ReLU-family SAEs (ReLU+L1, JumpReLU) activate a variable number of latents
+per token. Their sparse path keeps every entry of pre = x @ W_enc + b_enc whose
+score (pre - threshold) + margin is positive, as flat (token, latent, value)
+triples, up to a capacity for the whole batch: `capacity` slots per token on
+average, pooled over groups of _GROUP_ROWS tokens, so a token with many
+non-zeros borrows the slots its neighbours leave empty. When a group holds more
+entries than its slots, the batch `overflow`s and the caller computes it with
+the exact dense formulation instead (`lax.cond`), so results are always exact.
+
+No top-k is involved. Per tile of rows (and block of latents), the selection is
+a compaction in two levels, all vectorised: the maximum score of each run of
+_RUN latents (a fast reduction fused with the matmul's output pass) marks the
+runs holding an entry; a cumulative count lists those runs, and a second count
+over their members lists the entries, in (token, latent) order. Unused slots
+hold value -inf (activation 0, no gradient) at latent 0.
+
+`with_encoder_vjp` attaches the sparse encoder backward to values selected
+here, so a caller can select once and differentiate inside a `lax.cond` branch.
+"""
+from typing import NamedTuple
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from dictlearn.sae import kernels
+
+# Latents per run for the first level of the compaction (a power of two that
+# divides n_latents, at most this).
+_RUN = 16
+# Tokens that pool their slots (a divisor of the tile's rows, at most this).
+_GROUP_ROWS = 64
+
+
+class Selection(NamedTuple):
+  """Flat triples laid out as [B, capacity] (entry [r, j] is token tokens[r, j]'s).
+
+  Attributes:
+    values: float32 pre-activations at the selected entries; -inf in unused slots.
+    latents: int32 latent of each entry (0 in unused slots).
+    tokens: int32 token of each entry.
+    overflow: bool scalar: some group of tokens had more entries than slots;
+      the other fields are then incomplete and must not be used.
+    count: int32 scalar, entries selected (meaningful without overflow).
+  """
+  values: jax.Array
+  latents: jax.Array
+  tokens: jax.Array
+  overflow: jax.Array
+  count: jax.Array
+
+
+def _run_size(n):
+  run = _RUN
+  while run > 1 and n % run:
+    run //= 2
+  return run
+
+
+def _divisor_at_most(m, cap):
+  return max(t for t in range(1, min(m, cap) + 1) if m % t == 0)
+
+
+def _search_right(cum, queries):
+  """For each row p of the non-decreasing cum [P, L] and each query q [S]: the
+  first index i with cum[p, i] > q (L when none), by vectorised bisection."""
+  length = cum.shape[1]
+  lo = jnp.zeros((cum.shape[0], queries.shape[0]), jnp.int32)
+  hi = jnp.full_like(lo, length)
+  for _ in range(length.bit_length()):
+    mid = (lo + hi) // 2
+    right = jnp.take_along_axis(cum, jnp.minimum(mid, length - 1), axis=1) <= queries
+    lo = jnp.where(right & (lo < hi), mid + 1, lo)
+    hi = jnp.where(right, hi, mid)
+  return lo
+
+
+def _compact(raw, vectors, score, slots, group_rows):
+  """Entries of one [R, n] block with score(raw, *vectors) > 0, compacted per group.
+
+  Args:
+    raw: [R, n] float32 matmul output.
+    vectors: per-latent [n] operands of `score`; vectors[0] is the bias.
+    score: elementwise (raw, *vectors) -> scores.
+    slots: slots per group of rows.
+    group_rows: rows per group (divides R).
+
+  Returns:
+    (values, latents, rows, count): [R // group_rows, slots] each (rows: row
+    within the block), and count [R // group_rows], the entries of each group
+    (possibly more than `slots`).
+  """
+  n_rows, n = raw.shape
+  run = _run_size(n)
+  n_runs = n // run
+  groups = n_rows // group_rows
+  runs = raw.reshape(n_rows, n_runs, run)
+  run_vectors = [v.reshape(n_runs, run) for v in vectors]
+  # Level 1: the runs holding an entry, listed per group in (row, run) order.
+  hit = jnp.max(score(runs, *run_vectors), axis=-1) > 0
+  hit = hit.reshape(groups, group_rows * n_runs).astype(jnp.int32)
+  slot = jnp.arange(slots, dtype=jnp.int32)
+  hit_runs = jnp.minimum(_search_right(jnp.cumsum(hit, axis=1), slot), group_rows * n_runs - 1)
+  n_hit = jnp.sum(hit, axis=1)
+  listed = slot < n_hit[:, None]  # a group with fewer hit runs leaves slots unused
+  # Level 2: the members of the listed runs (at most `slots` runs, each holding
+  # at least one entry, suffice unless the group overflows).
+  flat_run = jnp.arange(groups, dtype=jnp.int32)[:, None] * (group_rows * n_runs) + hit_runs
+  members = jnp.take(runs.reshape(n_rows * n_runs, run), flat_run.reshape(-1), axis=0,
+                     mode='clip').reshape(groups, slots, run)
+  run_of = hit_runs % n_runs
+  member_vectors = [jnp.take(v, run_of, axis=0, mode='clip') for v in run_vectors]
+  inside = (score(members, *member_vectors) > 0) & listed[..., None]
+  inside = inside.reshape(groups, slots * run).astype(jnp.int32)
+  cum = jnp.cumsum(inside, axis=1)
+  # More hit runs than slots: the listed runs hold only part of the entries,
+  # but there are more entries than slots (each hit run holds one at least).
+  count = jnp.maximum(cum[:, -1], n_hit)
+  entry = jnp.minimum(_search_right(cum, slot), slots * run - 1)
+  listed_run, member = entry // run, entry % run
+  run_index = jnp.take_along_axis(run_of, listed_run, axis=1)
+  latents = run_index * run + member
+  rows = (jnp.arange(groups, dtype=jnp.int32)[:, None] * group_rows
+          + jnp.take_along_axis(hit_runs, listed_run, axis=1) // n_runs)
+  pre = (jnp.take_along_axis(members.reshape(groups, slots * run), entry, axis=1)
+         + jnp.take(vectors[0], latents, mode='clip'))
+  used = slot < count[:, None]
+  values = jnp.where(used, pre, -jnp.inf)
+  return values, jnp.where(used, latents, 0), rows, count
+
+
+def _merge(run, new, offset):
+  """Appends `new` (values, latents, rows) [G, S] after the first `offset` [G] slots
+  of `run`; what does not fit is dropped (the caller flags the overflow)."""
+  slots = run[0].shape[1]
+  slot = jnp.arange(slots, dtype=jnp.int32)[None, :]
+  source = jnp.clip(slot - offset[:, None], 0, slots - 1)
+  keep = slot < offset[:, None]
+  return tuple(jnp.where(keep, a, jnp.take_along_axis(b, source, axis=1))
+               for a, b in zip(run, new))
+
+
+def select_positive(x, W_enc, b_enc, capacity, *, threshold=None, margin=0.0, block_size=0,
+                    dtype='float32'):
+  """Every entry with (pre - threshold) + margin > 0, up to `capacity` per token on average.
+
+  pre = x @ W_enc + b_enc (matmul inputs in `dtype`, float32 accumulation).
+  Tokens pool their slots in groups of up to _GROUP_ROWS; once a group has
+  overflowed, the tiles after it are skipped, matmul included (the caller
+  recomputes the batch densely).
+
+  Args:
+    x: [B, d].
+    W_enc: [d, n].
+    b_enc: [n].
+    capacity: slots per token (static, >= 1).
+    threshold: optional [n] subtracted from pre in the score (JumpReLU).
+    margin: added to the score (static float).
+    block_size: latents per encoder block (0 = one block; else a divisor of n).
+    dtype: matmul input dtype name.
+
+  Returns:
+    Selection; values are the pre-activations (no threshold or margin applied).
+  """
+  if capacity < 1:
+    raise ValueError(f'capacity must be positive, got {capacity}')
+  batch, d = x.shape
+  n = W_enc.shape[1]
+  bs = block_size or n
+  kernels.check_block_size(n, block_size, 1)
+  rows = kernels._tile_rows(batch, bs)
+  tiles = batch // rows
+  group_rows = _divisor_at_most(rows, _GROUP_ROWS)
+  groups, slots = rows // group_rows, group_rows * capacity
+  x3 = x.reshape(rows, tiles, d)
+  mm_dtype = jnp.dtype(dtype)
+  bias = b_enc.astype(jnp.float32)
+  thr = None if threshold is None else threshold.astype(jnp.float32)
+
+  def score(r, b, *t):
+    s = r + b
+    if t:
+      s = s - t[0]
+    return s + jnp.float32(margin) if margin else s
+
+  def tile_block(i, j, run, count):
+    """Merges block j of tile i into the tile's running selection."""
+    x_tile = lax.dynamic_index_in_dim(x3, i, axis=1, keepdims=False)
+    cut = lambda a: a if bs == n else lax.dynamic_slice_in_dim(a, j * bs, bs, axis=-1)
+    raw = jnp.dot(x_tile.astype(mm_dtype), cut(W_enc).astype(mm_dtype),
+                  preferred_element_type=jnp.float32)
+    vectors = (cut(bias),) if thr is None else (cut(bias), cut(thr))
+    values, latents, local, new_count = _compact(raw, vectors, score, slots, group_rows)
+    latents = jnp.where(values > -jnp.inf, latents + j * bs, 0)
+    new = (values, latents, local * tiles + i)  # tile i holds rows i, i + T, ...
+    return _merge(run, new, count), count + new_count
+
+  def body(step, carry):
+    run, count, overflow = carry
+    i, j = step % tiles, step // tiles
+
+    def work(args):
+      run, count = args
+      tile_run = tuple(lax.dynamic_index_in_dim(a, i, axis=0, keepdims=False) for a in run)
+      tile_run, tile_count = tile_block(i, j, tile_run,
+                                        lax.dynamic_index_in_dim(count, i, keepdims=False))
+      run = tuple(lax.dynamic_update_index_in_dim(a, b, i, axis=0) for a, b in zip(run, tile_run))
+      count = lax.dynamic_update_index_in_dim(count, tile_count, i, axis=0)
+      return run, count, jnp.any(tile_count > slots)
+
+    return lax.cond(overflow, lambda args: args + (overflow,), work, (run, count))
+
+  run = (jnp.full((tiles, groups, slots), -jnp.inf, jnp.float32),
+         jnp.zeros((tiles, groups, slots), jnp.int32),
+         jnp.zeros((tiles, groups, slots), jnp.int32))
+  count = jnp.zeros((tiles, groups), jnp.int32)
+  run, count, overflow = lax.fori_loop(0, tiles * (n // bs), body,
+                                       (run, count, jnp.asarray(False)))
+  shape = (batch, capacity)
+  return Selection(run[0].reshape(shape), run[1].reshape(shape), run[2].reshape(shape),
+                   overflow, jnp.sum(count))
+
+
+# ---------------------------------------------------------------------------
+# The encoder's backward for a selection made elsewhere
+# ---------------------------------------------------------------------------
+
+
+@jax.custom_vjp
+def _attach(values, x, W_enc, b_enc, latents, tokens):
+  del x, W_enc, b_enc, latents, tokens
+  return values
+
+
+def _attach_fwd(values, x, W_enc, b_enc, latents, tokens):
+  return values, (x, W_enc, b_enc, latents, tokens)
+
+
+def _attach_bwd(res, g):
+  x, W_enc, b_enc, latents, tokens = res
+  d_x, d_w_t, d_b = kernels._encoder_grads(x, W_enc, g, latents, tokens)
+  return (jnp.zeros_like(g), d_x.astype(x.dtype), d_w_t.T.astype(W_enc.dtype),
+          d_b.astype(b_enc.dtype), None, None)
+
+
+_attach.defvjp(_attach_fwd, _attach_bwd)
+
+
+def with_encoder_vjp(selection, x, W_enc, b_enc):
+  """The selection's values, differentiable wrt x, W_enc and b_enc.
+
+  The values must be entries of x @ W_enc + b_enc (as `select_positive` returns
+  them); their gradient is routed to the selected entries only, as in
+  `kernels.encode_select`. Unused slots must receive a zero cotangent (any
+  activation of -inf does).
+  """
+  return _attach(selection.values, x, W_enc, b_enc, selection.latents, selection.tokens)
