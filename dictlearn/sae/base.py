@@ -94,6 +94,17 @@ def reconstruction_metrics(x, x_hat):
   return sq / x.shape[0], sq / jnp.maximum(total_variance, jnp.finfo(jnp.float32).tiny)
 
 
+def _with_grads(loss):
+  """params -> (loss(params), its gradient) for a `loss` that returns a ForwardOutput."""
+  def run(params):
+    def value(p):
+      out = loss(p)
+      return out.loss, out
+    (_, out), grads = jax.value_and_grad(value, has_aux=True)(params)
+    return out, grads
+  return run
+
+
 class SparseAutoencoder(abc.ABC):
   """Base class of the SAE architectures.
 
@@ -168,13 +179,9 @@ class SparseAutoencoder(abc.ABC):
     differentiated on its own: then no branch's residuals cross the branch and
     nothing is recomputed in the backward pass.
     """
-    def loss_fn(p):
-      out = self.forward(p, buffers, x, sparsity_coefficient=sparsity_coefficient,
-                         dead_mask=dead_mask)
-      return out.loss, out
-
-    (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return out, grads
+    return _with_grads(lambda p: self.forward(p, buffers, x,
+                                              sparsity_coefficient=sparsity_coefficient,
+                                              dead_mask=dead_mask))(params)
 
   @abc.abstractmethod
   def encode(self, params, buffers, x) -> jax.Array:
@@ -222,33 +229,6 @@ class SparseAutoencoder(abc.ABC):
         threshold=None if threshold is None else stop(threshold), margin=margin,
         block_size=self.block_size, dtype=jnp.dtype(self.dtype).name)
 
-  def _capacity_branches(self, params, selection, dense, sparse, *, grads):
-    """`sparse(params, selection)` when the selection holds the batch, else `dense(params)`.
-
-    Both return a ForwardOutput; an 'overflow' metric (1 when the batch ran the
-    dense formulation) is added. With grads=True, returns (out, grads) with each
-    branch differentiated on its own; otherwise out, with the dense branch
-    rematerialised so that it saves no [B, n] residual for the (usual) sparse
-    branch to carry as zeros.
-    """
-    if grads:
-      def differentiate(loss):
-        def run(p):
-          def f(q):
-            out = loss(q)
-            return out.loss, out
-          (_, out), g = jax.value_and_grad(f, has_aux=True)(p)
-          return out, g
-        return run
-      out, g = lax.cond(selection.overflow, differentiate(dense),
-                        differentiate(lambda p: sparse(p, selection)), params)
-    else:
-      out = lax.cond(selection.overflow, jax.checkpoint(dense),
-                     lambda p: sparse(p, selection), params)
-    out = out._replace(metrics=dict(out.metrics,
-                                    overflow=selection.overflow.astype(jnp.float32)))
-    return (out, g) if grads else out
-
   def _threshold_reconstruct(self, params, x_in, threshold, act_fn):
     """Inference reconstruction of a threshold activation, sparse when it fits.
 
@@ -274,6 +254,64 @@ class SparseAutoencoder(abc.ABC):
       return y + params['b_dec'].astype(jnp.float32)
 
     return lax.cond(sel.overflow, dense, sparse)
+
+
+class CapacitySAE(SparseAutoencoder):
+  """An SAE whose activation has a variable number of non-zeros (the ReLU family).
+
+  With `sparse_capacity` > 0, training follows the entries that matter through
+  a capacity selection (`capacity.select_positive`) and the sparse kernels, and
+  computes a batch that overflows the capacity by the dense formulation, so
+  results are always exact. Subclasses implement `_dense_loss`, `_sparse_loss`
+  and `_selection_threshold`.
+  """
+
+  @abc.abstractmethod
+  def _dense_loss(self, params, x, coefficient) -> ForwardOutput:
+    """The training loss by the dense formulation."""
+
+  @abc.abstractmethod
+  def _sparse_loss(self, params, x, selection, coefficient) -> ForwardOutput:
+    """The training loss from a selection that holds every entry that matters."""
+
+  @abc.abstractmethod
+  def _selection_threshold(self, params):
+    """(threshold [n] or None, margin): the entries with (pre - threshold) + margin > 0
+    are the ones the sparse path must follow."""
+
+  def _branches(self, params, x, coefficient, *, grads):
+    """`_sparse_loss` when the capacity selection holds the batch, else `_dense_loss`.
+
+    Both return a ForwardOutput; an 'overflow' metric (1 when the batch ran the
+    dense formulation) is added. With grads=True, returns (out, grads) with each
+    branch differentiated on its own; otherwise out, with the dense branch
+    rematerialised so that it saves no [B, n] residual for the (usual) sparse
+    branch to carry as zeros.
+    """
+    threshold, margin = self._selection_threshold(params)
+    selection = self._select_positive(params, x, threshold, margin)
+    dense = lambda p: self._dense_loss(p, x, coefficient)
+    sparse = lambda p: self._sparse_loss(p, x, selection, coefficient)
+    if grads:
+      out, g = lax.cond(selection.overflow, _with_grads(dense), _with_grads(sparse), params)
+    else:
+      out = lax.cond(selection.overflow, jax.checkpoint(dense), sparse, params)
+    out = out._replace(metrics=dict(out.metrics,
+                                    overflow=selection.overflow.astype(jnp.float32)))
+    return (out, g) if grads else out
+
+  def forward(self, params, buffers, x, *, sparsity_coefficient, dead_mask):
+    del buffers, dead_mask
+    x = x.astype(jnp.float32)
+    if not self.cfg.sparse_capacity:
+      return self._dense_loss(params, x, sparsity_coefficient)
+    return self._branches(params, x, sparsity_coefficient, grads=False)
+
+  def loss_and_grads(self, params, buffers, x, *, sparsity_coefficient, dead_mask):
+    if not self.cfg.sparse_capacity:
+      return super().loss_and_grads(params, buffers, x, sparsity_coefficient=sparsity_coefficient,
+                                    dead_mask=dead_mask)
+    return self._branches(params, x.astype(jnp.float32), sparsity_coefficient, grads=True)
 
   def _check_capacity(self):
     """Validates sparse_capacity for the ReLU-family architectures (0 <= C <= n)."""

@@ -98,7 +98,7 @@ def _step_bwd(bandwidth, res, g):
 step.defvjp(_step_fwd, _step_bwd)
 
 
-class JumpReLUSAE(base.SparseAutoencoder):
+class JumpReLUSAE(base.CapacitySAE):
   """JumpReLU SAE trained on an L0 penalty with straight-through estimators."""
   name = 'jumprelu'
   unit_norm_decoder = True
@@ -159,30 +159,11 @@ class JumpReLUSAE(base.SparseAutoencoder):
                                 latents.reshape(-1), num_segments=self.n_latents)
     return self._output(params, x, x_hat, l0, fired, coefficient)
 
-  def _branches(self, params, x, coefficient, grads):
-    """The sparse path, or the dense one for a batch that overflows its capacity.
-
-    Selected are the entries with (z - theta) + eps > 0: every one that is
-    active or inside the kernel band (|z - theta| < eps / 2), i.e. every entry
-    with a non-zero gradient, computed with the same float ops as the band test.
-    """
-    selection = self._select_positive(params, x, self.threshold(params), self.bandwidth)
-    return self._capacity_branches(
-        params, selection, lambda p: self._dense_loss(p, x, coefficient),
-        lambda p, sel: self._sparse_loss(p, x, sel, coefficient), grads=grads)
-
-  def forward(self, params, buffers, x, *, sparsity_coefficient, dead_mask):
-    del buffers, dead_mask
-    x = x.astype(jnp.float32)
-    if not self.cfg.sparse_capacity:
-      return self._dense_loss(params, x, sparsity_coefficient)
-    return self._branches(params, x, sparsity_coefficient, grads=False)
-
-  def loss_and_grads(self, params, buffers, x, *, sparsity_coefficient, dead_mask):
-    if not self.cfg.sparse_capacity:
-      return super().loss_and_grads(params, buffers, x, sparsity_coefficient=sparsity_coefficient,
-                                    dead_mask=dead_mask)
-    return self._branches(params, x.astype(jnp.float32), sparsity_coefficient, grads=True)
+  def _selection_threshold(self, params):
+    # Entries with (z - theta) + eps > 0: every one that is active or inside the
+    # kernel band (|z - theta| < eps / 2), i.e. every entry with a non-zero
+    # gradient, computed with the same float ops as the band test.
+    return self.threshold(params), self.bandwidth
 
   def _inference_act(self, params):
     theta = self.threshold(params)

@@ -30,7 +30,7 @@ def _row_norms(w_dec):
   return jnp.linalg.norm(w_dec.astype(jnp.float32), axis=-1)
 
 
-class ReluL1SAE(base.SparseAutoencoder):
+class ReluL1SAE(base.CapacitySAE):
   """ReLU SAE with the L1 penalty sum_i f_i ||W_dec[i]|| (no decoder constraint)."""
   name = 'relu_l1'
   unit_norm_decoder = False
@@ -68,25 +68,8 @@ class ReluL1SAE(base.SparseAutoencoder):
     fired = kernels.count_fired(acts, latents, self.n_latents)
     return self._output(x, x_hat, l1, fired, coefficient)
 
-  def _branches(self, params, x, coefficient, grads):
-    """The sparse path, or the dense one for a batch that overflows its capacity."""
-    return self._capacity_branches(
-        params, self._select_positive(params, x),
-        lambda p: self._dense_loss(p, x, coefficient),
-        lambda p, sel: self._sparse_loss(p, x, sel, coefficient), grads=grads)
-
-  def forward(self, params, buffers, x, *, sparsity_coefficient, dead_mask):
-    del buffers, dead_mask
-    x = x.astype(jnp.float32)
-    if not self.cfg.sparse_capacity:
-      return self._dense_loss(params, x, sparsity_coefficient)
-    return self._branches(params, x, sparsity_coefficient, grads=False)
-
-  def loss_and_grads(self, params, buffers, x, *, sparsity_coefficient, dead_mask):
-    if not self.cfg.sparse_capacity:
-      return super().loss_and_grads(params, buffers, x, sparsity_coefficient=sparsity_coefficient,
-                                    dead_mask=dead_mask)
-    return self._branches(params, x.astype(jnp.float32), sparsity_coefficient, grads=True)
+  def _selection_threshold(self, params):
+    return None, 0.0  # the non-zeros
 
   def encode(self, params, buffers, x):
     return jax.nn.relu(self._preacts(params, x.astype(jnp.float32)))
