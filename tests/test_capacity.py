@@ -146,3 +146,27 @@ def test_bad_capacity():
   x, w, b, _ = _inputs(64)
   with pytest.raises(ValueError, match='capacity'):
     capacity.select_positive(x, w, b, 0)
+
+
+@pytest.mark.parametrize('integer', [False, True])
+def test_batch_top_is_the_batch_topk_when_exact(integer):
+  n, k = 64, 3
+  x, w, b, _ = _inputs(n, seed=5, bias_low=-1)
+  if not integer:
+    x = x + 0.1 * jax.random.normal(jax.random.key(1), x.shape)
+  pre = x @ w + b
+  total = B * k
+  top = np.sort(np.asarray(pre).ravel())[::-1]
+  ref_values, ref_pos = jax.lax.top_k(jax.nn.relu(pre).reshape(-1), total)
+  ref = set(np.asarray(ref_pos).tolist())
+  for floor, expect_exact in ((0.5 * top[total], True), (top[total // 2], False)):
+    sel = capacity.select_positive(x, w, b, 2 * n, threshold=jnp.full((n,), floor))
+    kept, exact = capacity.batch_top(sel, total)
+    tied = bool(top[total - 1] == top[total])
+    assert bool(exact) == (expect_exact and not tied)
+    if bool(exact):
+      got = np.asarray(kept.tokens).ravel() * n + np.asarray(kept.latents).ravel()
+      assert set(got.tolist()) == ref
+      np.testing.assert_array_equal(np.sort(np.asarray(kept.values).ravel()),
+                                    np.sort(np.asarray(ref_values)))
+  assert integer or not tied  # the float case exercises the exact path

@@ -271,11 +271,37 @@ def test_batchtopk_keeps_k_times_batch_and_learns_threshold():
   _close(out.buffers['threshold'], kept[0])  # the first batch sets theta
   out2 = fwd(out.buffers)
   _close(out2.buffers['threshold'], kept[0])  # EMA of identical batches
-  buffers = {'threshold': jnp.float32(2.0)}
+  buffers = dict(out.buffers, threshold=jnp.float32(2.0))
   out3 = fwd(buffers)
   _close(out3.buffers['threshold'], 0.9 * 2.0 + 0.1 * kept[0])
   acts = sae.encode(params, buffers, x)
   _close(acts, jnp.where(pre > 2.0, pre, 0.0))
+
+
+def test_batchtopk_floor_path_is_exact():
+  # The first batch sets the floor from its per-token candidates; an identical
+  # batch then takes the floor path, and matches the dense recipe.
+  cfg = _cfg('batchtopk', sparse_capacity=12)
+  sae = sae_lib.make_sae(cfg, D)
+  params, buffers = _perturbed_params(sae)
+  x = _data()
+  few_dead = jnp.arange(N) % 10 == 0  # 13 <= aux_dense_cap: the dense AuxK path
+  fwd = jax.jit(lambda b, dead: sae.forward(params, b, x, sparsity_coefficient=0.0,
+                                            dead_mask=dead))
+  first = fwd(buffers, few_dead)
+  assert float(first.metrics['selection_fallback']) == 1.0
+  floor = float(first.buffers['selection_floor'])
+  pre = (x - params['b_dec']) @ params['W_enc'] + params['b_enc']
+  assert 0 < floor < float(jnp.sort(pre.reshape(-1))[-cfg.k * B])
+  out, _ = _check_against_reference(cfg, params, first.buffers, x, 0.0, few_dead)
+  assert float(out.metrics['selection_fallback']) == 0.0
+  assert float(out.metrics['aux_k']) > 0
+  # Too many dead latents for the dense AuxK path, or a floor above the
+  # threshold: the per-token candidates serve, exactly.
+  for dead, floor in ((jnp.arange(N) % 2 == 0, floor), (few_dead, 1e3)):
+    buffers = dict(first.buffers, selection_floor=jnp.float32(floor))
+    out, _ = _check_against_reference(cfg, params, buffers, x, 0.0, dead)
+    assert float(out.metrics['selection_fallback']) == 1.0
 
 
 def test_jumprelu_threshold_pseudo_gradient():

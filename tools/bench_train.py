@@ -214,7 +214,8 @@ def main(argv=None) -> int:
       for key, run in runners.items():
         seconds, metrics = run(args.repeats)
         ours[key].append(seconds)
-        extra[key] = {m: float(metrics[m]) for m in ('l0', 'overflow') if m in metrics}
+        extra[key] = {m: float(metrics[m]) for m in ('l0', 'overflow', 'selection_fallback')
+                      if m in metrics}
       if use_peers:
         for label, (script, peer_args) in peer_jobs.items():
           rate = run_peer(args.peers, script, peer_args)

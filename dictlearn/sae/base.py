@@ -94,7 +94,7 @@ def reconstruction_metrics(x, x_hat):
   return sq / x.shape[0], sq / jnp.maximum(total_variance, jnp.finfo(jnp.float32).tiny)
 
 
-def _with_grads(loss):
+def with_grads(loss):
   """params -> (loss(params), its gradient) for a `loss` that returns a ForwardOutput."""
   def run(params):
     def value(p):
@@ -179,7 +179,7 @@ class SparseAutoencoder(abc.ABC):
     differentiated on its own: then no branch's residuals cross the branch and
     nothing is recomputed in the backward pass.
     """
-    return _with_grads(lambda p: self.forward(p, buffers, x,
+    return with_grads(lambda p: self.forward(p, buffers, x,
                                               sparsity_coefficient=sparsity_coefficient,
                                               dead_mask=dead_mask))(params)
 
@@ -293,7 +293,7 @@ class CapacitySAE(SparseAutoencoder):
     dense = lambda p: self._dense_loss(p, x, coefficient)
     sparse = lambda p: self._sparse_loss(p, x, selection, coefficient)
     if grads:
-      out, g = lax.cond(selection.overflow, _with_grads(dense), _with_grads(sparse), params)
+      out, g = lax.cond(selection.overflow, with_grads(dense), with_grads(sparse), params)
     else:
       out = lax.cond(selection.overflow, jax.checkpoint(dense), sparse, params)
     out = out._replace(metrics=dict(out.metrics,

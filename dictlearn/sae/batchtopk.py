@@ -13,17 +13,27 @@ z = pre * 1[pre > theta]. theta (buffers['threshold']) is an EMA with momentum
 training batch; the first batch sets it directly.
 
 The kept entries are exactly k * B (token, latent, value) triples; decoding and
-every backward pass follow only those. With `sparse_capacity` C > 0 (C >= k) the
-selection first takes each token's top C candidates and then the global top
-k * B among those, which is exact unless a token needs more than C (then, for
-that batch, the selection runs over the whole [B, n] matrix). With C = 0 the
-selection always runs over the whole matrix: exact and much slower.
+every backward pass follow only those. The selection is exact on every path:
+
+* floor path (usual): every entry above a floor (buffers['selection_floor'],
+  set from the previous batch near rank 2 * k * B) is collected by the flat
+  capacity selection (`capacity.select_positive`, C slots per token on
+  average) and the global top k * B is taken among them. No per-token top-k.
+* per-token candidates (the first batch, and any batch where the floor path
+  would not be exact): each token's top C candidates, then the global top
+  k * B among those; exact unless a token needs more than C, and then, for
+  that batch, the selection runs over the whole [B, n] matrix.
+
+With `sparse_capacity` C = 0 the selection always runs over the whole matrix:
+exact and much slower. The metrics `selection_fallback` and `overflow` say
+when a batch took the second path and the whole-matrix search.
 """
 import jax
 from jax import lax
 import jax.numpy as jnp
 
 from dictlearn.sae import base
+from dictlearn.sae import capacity
 from dictlearn.sae import kernels
 from dictlearn.sae import topk
 
@@ -49,11 +59,12 @@ class BatchTopKSAE(topk.TopKSAE):
 
   def init(self, key):
     params, _ = super().init(key)
-    return params, {'threshold': jnp.zeros((), jnp.float32)}
+    return params, {'threshold': jnp.zeros((), jnp.float32),
+                    'selection_floor': jnp.zeros((), jnp.float32)}
 
   def logical_axes(self):
     params, _ = super().logical_axes()
-    return params, {'threshold': ()}
+    return params, {'threshold': (), 'selection_floor': ()}
 
   def _update_threshold(self, threshold, acts):
     """EMA of the smallest positive kept activation; unchanged if none is positive."""
@@ -62,28 +73,92 @@ class BatchTopKSAE(topk.TopKSAE):
     ema = jnp.where(threshold > 0, m * threshold + (1.0 - m) * smallest, smallest)
     return lax.stop_gradient(jnp.where(jnp.isfinite(smallest), ema, threshold))
 
-  def forward(self, params, buffers, x, *, sparsity_coefficient, dead_mask):
-    del sparsity_coefficient
-    x = x.astype(jnp.float32)
-    if dead_mask is None:
-      dead_mask = jnp.zeros((self.n_latents,), bool)
-    x_in, enc = self._encode_sparse(params, x, dead_mask, k=self.cfg.sparse_capacity,
-                                    batch_k_per_token=self.cfg.k)
-    acts = jax.nn.relu(enc.values)
-    x_hat = (kernels.sparse_decode(acts, enc.latents, params['W_dec'], tokens=enc.tokens)
+  # ---- training: the floor path, or per-token candidates -------------------
+
+  def _floor_selection(self, params, x, floor):
+    """The batch top-k among the entries above `floor` (forward only).
+
+    Returns (kept Selection [B, k], usable, next floor): usable when the
+    selection is exact (`capacity.batch_top`) and the floor is positive.
+    """
+    x_in, b_enc = self._encoder_inputs(params, x)
+    stop = lax.stop_gradient
+    candidates = capacity.select_positive(
+        stop(x_in), stop(params['W_enc']), stop(b_enc), self.cfg.sparse_capacity,
+        threshold=jnp.broadcast_to(stop(floor), (self.n_latents,)), block_size=self.block_size,
+        dtype=jnp.dtype(self.dtype).name)
+    total = x.shape[0] * self.cfg.k
+    kept, exact = capacity.batch_top(candidates, total)
+    return kept, exact & (floor > 0), kernels.candidate_floor(candidates.values, total, floor)
+
+  def _output(self, params, buffers, x, x_in, kept, enc, dead_mask, overflow, fallback,
+              floor):
+    """The loss from the kept (values, latents, tokens) triples; shared by both paths."""
+    values, latents, tokens = kept
+    acts = jax.nn.relu(values)
+    x_hat = (kernels.sparse_decode(acts, latents, params['W_dec'], tokens=tokens)
              + params['b_dec'].astype(jnp.float32))
     mse, fvu = base.reconstruction_metrics(x, x_hat)
     aux, n_dead = topk.aux_k_loss(self, params, enc, x_in, x - x_hat, dead_mask)
-    loss = mse + self.cfg.aux_k_coefficient * aux
     threshold = self._update_threshold(buffers['threshold'], acts)
     metrics = {
         'mse': mse, 'fvu': fvu, 'aux_k': aux, 'n_dead': n_dead,
         'l0': jnp.sum((acts > 0).astype(jnp.float32)) / x.shape[0],
         'threshold': threshold,
-        'overflow': enc.overflow.astype(jnp.float32),
+        'overflow': overflow.astype(jnp.float32),
+        'selection_fallback': fallback.astype(jnp.float32),
     }
-    fired = kernels.count_fired(acts, enc.latents, self.n_latents)
-    return base.ForwardOutput(loss, metrics, fired, {'threshold': threshold})
+    fired = kernels.count_fired(acts, latents, self.n_latents)
+    buffers = {'threshold': threshold, 'selection_floor': lax.stop_gradient(floor)}
+    return base.ForwardOutput(mse + self.cfg.aux_k_coefficient * aux, metrics, fired, buffers)
+
+  def _candidates_loss(self, params, buffers, x, dead_mask):
+    """Per-token candidates (`kernels.encode_select` in batch mode), AuxK included."""
+    x_in, enc = self._encode_sparse(params, x, dead_mask, k=self.cfg.sparse_capacity,
+                                    batch_k_per_token=self.cfg.k)
+    floor = jnp.zeros((), jnp.float32) if enc.candidate_floor is None else enc.candidate_floor
+    return self._output(params, buffers, x, x_in, (enc.values, enc.latents, enc.tokens), enc,
+                        dead_mask, enc.overflow, jnp.asarray(True), floor)
+
+  def _floor_loss(self, params, buffers, x, dead_mask, kept, floor):
+    """The kept triples of `_floor_selection`, differentiable wrt the parameters."""
+    x_in, b_enc = self._encoder_inputs(params, x)
+    values = capacity.with_encoder_vjp(kept, lax.stop_gradient(x_in), params['W_enc'], b_enc)
+    return self._output(params, buffers, x, x_in, (values, kept.latents, kept.tokens), None,
+                        dead_mask, jnp.asarray(False), jnp.asarray(False), floor)
+
+  def _branches(self, params, buffers, x, dead_mask, grads):
+    """The floor path when it is exact, else per-token candidates.
+
+    The floor path keeps the entries above `buffers['selection_floor']` (set
+    from the previous batch's candidates near rank 2 * B * k) with the
+    flat capacity selection, and the batch top-k among them; no per-token
+    top-k is computed. It is exact whenever it is taken; the first batch, and
+    any batch where the floor was too high or too low, a tie straddles the cut
+    or more latents are dead than the dense AuxK path takes, run the
+    per-token candidates instead.
+    """
+    x = x.astype(jnp.float32)
+    if dead_mask is None:
+      dead_mask = jnp.zeros((self.n_latents,), bool)
+    if not self.cfg.sparse_capacity:  # exhaustive: no candidates to speak of
+      out = lambda p: self._candidates_loss(p, buffers, x, dead_mask)
+      return base.with_grads(out)(params) if grads else out(params)
+    kept, usable, floor = self._floor_selection(params, x, buffers['selection_floor'])
+    usable &= jnp.sum(dead_mask) <= topk.aux_dense_cap(self)
+    fast = lambda p: self._floor_loss(p, buffers, x, dead_mask, kept, floor)
+    slow = lambda p: self._candidates_loss(p, buffers, x, dead_mask)
+    if grads:
+      return lax.cond(usable, base.with_grads(fast), base.with_grads(slow), params)
+    return lax.cond(usable, fast, slow, params)
+
+  def forward(self, params, buffers, x, *, sparsity_coefficient, dead_mask):
+    del sparsity_coefficient
+    return self._branches(params, buffers, x, dead_mask, grads=False)
+
+  def loss_and_grads(self, params, buffers, x, *, sparsity_coefficient, dead_mask):
+    del sparsity_coefficient
+    return self._branches(params, buffers, x, dead_mask, grads=True)
 
   def _inference_act(self, buffers):
     # ReLU then the threshold: keeps pre > max(theta, 0).

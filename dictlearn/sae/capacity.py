@@ -63,18 +63,23 @@ def _divisor_at_most(m, cap):
   return max(t for t in range(1, min(m, cap) + 1) if m % t == 0)
 
 
-def _search_right(cum, queries):
-  """For each row p of the non-decreasing cum [P, L] and each query q [S]: the
-  first index i with cum[p, i] > q (L when none), by vectorised bisection."""
-  length = cum.shape[1]
-  lo = jnp.zeros((cum.shape[0], queries.shape[0]), jnp.int32)
-  hi = jnp.full_like(lo, length)
-  for _ in range(length.bit_length()):
-    mid = (lo + hi) // 2
-    right = jnp.take_along_axis(cum, jnp.minimum(mid, length - 1), axis=1) <= queries
-    lo = jnp.where(right & (lo < hi), mid + 1, lo)
-    hi = jnp.where(right, hi, mid)
-  return lo
+def _positions(flags, slots, fill):
+  """Stream compaction of each row of flags [P, L] (0/1 int32) into `slots` slots.
+
+  Returns (index [P, slots] int32: the index of the j-th set flag of row p, or
+  `fill` past the row's last one; counts [P]). A cumulative count gives each
+  set flag its slot, and one scatter writes the indices there (flags past the
+  slots are dropped): far cheaper on CPU than searching the counts per slot.
+  """
+  rows, length = flags.shape
+  cum = jnp.cumsum(flags, axis=1)
+  slot = jnp.where(flags > 0, cum - 1, slots)
+  dest = jnp.where(slot < slots, jnp.arange(rows, dtype=jnp.int32)[:, None] * slots + slot,
+                   rows * slots)
+  source = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (rows, length))
+  index = jnp.full((rows * slots,), fill, jnp.int32).at[dest.reshape(-1)].set(
+      source.reshape(-1), mode='drop')
+  return index.reshape(rows, slots), cum[:, -1]
 
 
 def _compact(raw, vectors, score, slots, group_rows):
@@ -102,8 +107,7 @@ def _compact(raw, vectors, score, slots, group_rows):
   hit = jnp.max(score(runs, *run_vectors), axis=-1) > 0
   hit = hit.reshape(groups, group_rows * n_runs).astype(jnp.int32)
   slot = jnp.arange(slots, dtype=jnp.int32)
-  hit_runs = jnp.minimum(_search_right(jnp.cumsum(hit, axis=1), slot), group_rows * n_runs - 1)
-  n_hit = jnp.sum(hit, axis=1)
+  hit_runs, n_hit = _positions(hit, slots, group_rows * n_runs - 1)
   listed = slot < n_hit[:, None]  # a group with fewer hit runs leaves slots unused
   # Level 2: the members of the listed runs (at most `slots` runs, each holding
   # at least one entry, suffice unless the group overflows).
@@ -114,11 +118,10 @@ def _compact(raw, vectors, score, slots, group_rows):
   member_vectors = [jnp.take(v, run_of, axis=0, mode='clip') for v in run_vectors]
   inside = (score(members, *member_vectors) > 0) & listed[..., None]
   inside = inside.reshape(groups, slots * run).astype(jnp.int32)
-  cum = jnp.cumsum(inside, axis=1)
+  entry, count = _positions(inside, slots, slots * run - 1)
   # More hit runs than slots: the listed runs hold only part of the entries,
   # but there are more entries than slots (each hit run holds one at least).
-  count = jnp.maximum(cum[:, -1], n_hit)
-  entry = jnp.minimum(_search_right(cum, slot), slots * run - 1)
+  count = jnp.maximum(count, n_hit)
   listed_run, member = entry // run, entry % run
   run_index = jnp.take_along_axis(run_of, listed_run, axis=1)
   latents = run_index * run + member
@@ -195,6 +198,8 @@ def select_positive(x, W_enc, b_enc, capacity, *, threshold=None, margin=0.0, bl
     values, latents, local, new_count = _compact(raw, vectors, score, slots, group_rows)
     latents = jnp.where(values > -jnp.inf, latents + j * bs, 0)
     new = (values, latents, local * tiles + i)  # tile i holds rows i, i + T, ...
+    if bs == n:  # one block: nothing to append to
+      return new, new_count
     return _merge(run, new, count), count + new_count
 
   def body(step, carry):
@@ -221,6 +226,33 @@ def select_positive(x, W_enc, b_enc, capacity, *, threshold=None, margin=0.0, bl
   shape = (batch, capacity)
   return Selection(run[0].reshape(shape), run[1].reshape(shape), run[2].reshape(shape),
                    overflow, jnp.sum(count))
+
+
+def batch_top(selection, total):
+  """The `total` largest values of a selection, as [B, total // B] flat triples.
+
+  They are the batch's `total` largest pre-activations overall (the BatchTopK
+  selection) when `exact`: the selection did not overflow, holds at least
+  `total` entries (so every entry left out is below them), and no tie straddles
+  the cut (a tie would be broken by the exhaustive selection's rule, token
+  order, which this does not follow; the caller then takes another path).
+  The kept triples stay in selection order.
+
+  Returns:
+    (Selection, exact bool scalar).
+  """
+  values = selection.values.reshape(-1)
+  size = values.shape[0]
+  keys = kernels._sortable_keys(values)
+  kept = keys >= kernels._kth_largest_key(keys, total)
+  index, n_kept = _positions(kept[None].astype(jnp.int32), total, size - 1)
+  index = index[0]
+  exact = ~selection.overflow & (selection.count >= total) & (n_kept[0] == total)
+  shape = (selection.values.shape[0], total // selection.values.shape[0])
+  pick = lambda a: a.reshape(-1)[index].reshape(shape)
+  out = Selection(pick(selection.values), pick(selection.latents), pick(selection.tokens),
+                  selection.overflow, jnp.minimum(selection.count, total))
+  return out, exact
 
 
 # ---------------------------------------------------------------------------

@@ -51,6 +51,10 @@ _MAX_COLLECTED = 2048
 # Each step of the sparse row loops gathers or scatters at most this many
 # elements ([rows, m, d]); 64 rows of 32 entries of 576 floats.
 _VECTORIZE_MAX_ELEMENTS = 1 << 21
+# `score_near_rank` sorts a strided sample of at most this many scores.
+_RANK_SAMPLE = 1 << 15
+# The candidate floor of batch mode sits at rank _FLOOR_SLACK * B * k.
+_FLOOR_SLACK = 2
 
 
 # ---------------------------------------------------------------------------
@@ -385,6 +389,10 @@ class EncoderOutput(NamedTuple):
     min_score: [B] float32, per-token mode: each token's k-th largest score.
       (A reduction, not a slice: XLA on CPU turns a top-k whose outputs are
       sliced into a full sort of each row, 10-100x slower.)
+    candidate_floor: float32 scalar, batch mode with per-token candidates: a
+      score near rank _FLOOR_SLACK * B * k among them (`score_near_rank`;
+      0 when there are fewer): a floor above which the next batch's
+      candidates may be taken (see `BatchTopKSAE`).
   """
   values: jax.Array
   latents: jax.Array
@@ -393,6 +401,7 @@ class EncoderOutput(NamedTuple):
   aux_latents: jax.Array
   overflow: jax.Array
   min_score: jax.Array | None
+  candidate_floor: jax.Array | None
 
 
 def preactivations(x, W_enc, b_enc, dtype):
@@ -615,6 +624,27 @@ def _kth_largest_key(keys, count):
   return lax.fori_loop(0, 32, body, (lo, hi))[0]
 
 
+def score_near_rank(scores, rank):
+  """About the rank-th largest (0-based) of `scores` (any shape), -inf if fewer.
+
+  Sorts a strided sample of at most _RANK_SAMPLE entries: a few milliseconds,
+  where an exact selection among millions would cost a top-k or a bisection.
+  """
+  flat = scores.reshape(-1)
+  # An odd stride: rows of sorted candidates (a power-of-two length) are then
+  # sampled at every rank, not at the top of each run of `stride`.
+  stride = max(1, flat.shape[0] // _RANK_SAMPLE) | 1
+  sample = jnp.sort(flat[::stride])
+  return sample[sample.shape[0] - 1 - min(sample.shape[0] - 1, rank // stride)]
+
+
+def candidate_floor(scores, total, floor=0.0):
+  """A floor for the next batch's candidates: about the _FLOOR_SLACK * total-th
+  largest of `scores`, and at least `floor` (the floor `scores` were taken
+  above, if any: fewer candidates than that rank keep it) and 0."""
+  return jnp.maximum(score_near_rank(scores, _FLOOR_SLACK * total), jnp.maximum(floor, 0.0))
+
+
 def _batch_select(main, pre, x, W_enc, b_enc, spec):
   """Keeps B * k_per_token entries across the batch from per-token candidates.
 
@@ -652,13 +682,14 @@ def _batch_select(main, pre, x, W_enc, b_enc, spec):
 
   values, latents, tokens = lax.cond(overflow, exhaustive, lambda: fast)
   shape = (batch, spec.batch_k_per_token)
-  return values.reshape(shape), latents.reshape(shape), tokens.reshape(shape), overflow
+  return (values.reshape(shape), latents.reshape(shape), tokens.reshape(shape), overflow,
+          candidate_floor(cand_scores, total))
 
 
 def _encode_forward(spec, x, W_enc, b_enc, threshold, aux_mask):
   batch = x.shape[0]
   overflow = jnp.asarray(False)
-  min_score = None
+  min_score = floor = None
   aux = None
   if spec.batch_k_per_token and not spec.k:
     # Exhaustive BatchTopK: the whole [B, n] matrix is the candidate set.
@@ -673,14 +704,15 @@ def _encode_forward(spec, x, W_enc, b_enc, threshold, aux_mask):
   else:
     main, aux = _per_token_select(x, W_enc, b_enc, threshold, aux_mask, spec)
     if spec.batch_k_per_token:
-      values, latents, tokens, overflow = _batch_select(main, None, x, W_enc, b_enc, spec)
+      values, latents, tokens, overflow, floor = _batch_select(main, None, x, W_enc, b_enc,
+                                                               spec)
     else:
       top_scores, values, latents = main
       tokens = None
       min_score = jnp.min(top_scores, axis=-1)
   if aux is None:
     aux = (jnp.zeros((batch, 0), jnp.float32), jnp.zeros((batch, 0), jnp.int32))
-  return EncoderOutput(values, latents, tokens, aux[0], aux[1], overflow, min_score)
+  return EncoderOutput(values, latents, tokens, aux[0], aux[1], overflow, min_score, floor)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -85,6 +85,7 @@ def aux_k_loss(sae, params, enc, x_in, err, dead_mask):
     sae: the SAE (cfg.aux_k, dtype).
     params: SAE parameters.
     enc: kernels.EncoderOutput; its AuxK selection is used when many are dead.
+      None when the caller guarantees that at most `aux_dense_cap` are.
     x_in: [B, d] encoder input.
     err: [B, d] residual x - x_hat; no gradient flows into it.
     dead_mask: [n] bool.
@@ -119,7 +120,8 @@ def aux_k_loss(sae, params, enc, x_in, err, dead_mask):
   branches = [lambda ops: jnp.zeros((), jnp.float32)]
   if cap:
     branches.append(jax.checkpoint(dense))
-  branches.append(jax.checkpoint(sparse))
+  if enc is not None:
+    branches.append(jax.checkpoint(sparse))
   branch = jnp.where(n_dead == 0, 0, jnp.where(n_dead <= cap, 1, len(branches) - 1))
   aux = lax.switch(branch, branches, (params, x_in))
   return aux, n_dead
@@ -143,12 +145,8 @@ class TopKSAE(base.SparseAutoencoder):
   def init(self, key):
     return self._tied_init(key, 1.0), {}
 
-  def _encode_sparse(self, params, x, dead_mask=None, *, k=None, batch_k_per_token=0):
-    """Runs the encoder kernel on x - b_dec; returns (x - b_dec, EncoderOutput).
-
-    Selects the per-token top `k` (default cfg.k), or in batch mode the batch top
-    B * batch_k_per_token from `k` candidates per token; AuxK when dead_mask is
-    given.
+  def _encoder_inputs(self, params, x):
+    """(x - b_dec, b_enc with b_dec's gradient): what the encoder kernels take.
 
     b_dec's gradient through the encoder (-W_enc @ d_b_enc) is routed through
     the bias, whose value is unchanged, rather than through the kernel's x
@@ -161,6 +159,16 @@ class TopKSAE(base.SparseAutoencoder):
     # stopping it saves a whole [d, n] outer product and its addition.
     b_enc = params['b_enc'].astype(jnp.float32) - jnp.dot(
         shift, lax.stop_gradient(params['W_enc']).astype(jnp.float32))
+    return x_in, b_enc
+
+  def _encode_sparse(self, params, x, dead_mask=None, *, k=None, batch_k_per_token=0):
+    """Runs the encoder kernel on x - b_dec; returns (x - b_dec, EncoderOutput).
+
+    Selects the per-token top `k` (default cfg.k), or in batch mode the batch top
+    B * batch_k_per_token from `k` candidates per token; AuxK when dead_mask is
+    given.
+    """
+    x_in, b_enc = self._encoder_inputs(params, x)
     aux_k = self.cfg.aux_k if dead_mask is not None else 0
     spec = self._spec(k=self.cfg.k if k is None else k, aux_k=aux_k,
                       aux_min_dead=aux_dense_cap(self), batch_k_per_token=batch_k_per_token)
