@@ -214,6 +214,7 @@ def test_bfloat16(arch, capacity):
 @pytest.mark.parametrize('arch,overrides', [
     ('topk', {}),
     ('topk', {'encoder_block_size': 32}),
+    ('topk', {'aux_k': 32}),  # 26 dead <= aux_dense_cap: the dense AuxK path
     ('batchtopk', {'sparse_capacity': 0}),
     ('batchtopk', {'sparse_capacity': 12}),
     ('relu_l1', {'sparse_capacity': 0}),

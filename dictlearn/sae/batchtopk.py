@@ -79,7 +79,7 @@ class BatchTopKSAE(topk.TopKSAE):
     """The batch top-k among the entries above `floor` (forward only).
 
     Returns (kept Selection [B, k], usable, next floor): usable when the
-    selection is exact (`capacity.batch_top`) and the floor is positive.
+    selection is exact (`capacity.batch_top`).
     """
     x_in, b_enc = self._encoder_inputs(params, x)
     stop = lax.stop_gradient
@@ -89,17 +89,81 @@ class BatchTopKSAE(topk.TopKSAE):
         dtype=jnp.dtype(self.dtype).name)
     total = x.shape[0] * self.cfg.k
     kept, exact = capacity.batch_top(candidates, total)
-    return kept, exact & (floor > 0), kernels.candidate_floor(candidates.values, total, floor)
+    return kept, exact, kernels.candidate_floor(candidates.values, total, floor)
 
-  def _output(self, params, buffers, x, x_in, kept, enc, dead_mask, overflow, fallback,
-              floor):
-    """The loss from the kept (values, latents, tokens) triples; shared by both paths."""
+  def _reconstruction(self, params, x, kept, aux_selection, flags):
+    """(mse, parts): the main term from the kept (values, latents, tokens) triples.
+
+    `parts` carries what the rest of the loss and the metrics need, with the
+    same structure on both paths: (fvu, acts, latents, x_hat, aux_selection,
+    flags), flags = (overflow, selection_fallback, next floor).
+    """
     values, latents, tokens = kept
     acts = jax.nn.relu(values)
     x_hat = (kernels.sparse_decode(acts, latents, params['W_dec'], tokens=tokens)
              + params['b_dec'].astype(jnp.float32))
     mse, fvu = base.reconstruction_metrics(x, x_hat)
-    aux, n_dead = topk.aux_k_loss(self, params, enc, x_in, x - x_hat, dead_mask)
+    return mse, (fvu, acts, latents, x_hat, aux_selection, flags)
+
+  def _candidates_path(self, params, x, dead_mask):
+    """Per-token candidates (`kernels.encode_select` in batch mode)."""
+    _, enc = self._encode_sparse(params, x, dead_mask, k=self.cfg.sparse_capacity,
+                                 batch_k_per_token=self.cfg.k)
+    floor = jnp.zeros((), jnp.float32) if enc.candidate_floor is None else enc.candidate_floor
+    return self._reconstruction(params, x, (enc.values, enc.latents, enc.tokens),
+                                (enc.aux_values, enc.aux_latents),
+                                (enc.overflow, jnp.asarray(True), floor))
+
+  def _floor_path(self, params, x, kept, floor):
+    """The kept triples of `_floor_selection`, differentiable wrt the parameters."""
+    x_in, b_enc = self._encoder_inputs(params, x)
+    values = capacity.with_encoder_vjp(kept, lax.stop_gradient(x_in), params['W_enc'], b_enc)
+    # No AuxK selection here: the path is taken only when the dense AuxK serves.
+    no_aux = (jnp.zeros((x.shape[0], self.cfg.aux_k), jnp.float32),
+              jnp.zeros((x.shape[0], self.cfg.aux_k), jnp.int32))
+    return self._reconstruction(params, x, (values, kept.latents, kept.tokens), no_aux,
+                                (jnp.asarray(False), jnp.asarray(False), floor))
+
+  def _run(self, params, buffers, x, dead_mask, grads):
+    """The floor path when it is exact, else per-token candidates; then AuxK.
+
+    The floor path keeps the entries above `buffers['selection_floor']` (set
+    from the previous batch's candidates near rank 2 * B * k) with the
+    flat capacity selection, and the batch top-k among them; no per-token
+    top-k is computed. It is exact whenever it is taken; the first batch, and
+    any batch where the floor was too high or too low, a tie straddles the cut
+    or more latents are dead than the dense AuxK path takes, run the
+    per-token candidates instead. With grads, each path is differentiated on
+    its own, and the AuxK term only when a latent is dead.
+    """
+    x = x.astype(jnp.float32)
+    if dead_mask is None:
+      dead_mask = jnp.zeros((self.n_latents,), bool)
+    slow = lambda p: self._candidates_path(p, x, dead_mask)
+    if not self.cfg.sparse_capacity:  # exhaustive: no candidates to speak of
+      usable, fast = jnp.asarray(False), slow
+    else:
+      floor = buffers['selection_floor']
+      possible = (floor > 0) & (jnp.sum(dead_mask) <= topk.aux_dense_cap(self))
+      shape = (x.shape[0], self.cfg.k)
+      nothing = (capacity.Selection(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.int32),
+                                    jnp.zeros(shape, jnp.int32), jnp.asarray(True),
+                                    jnp.zeros((), jnp.int32)), jnp.asarray(False), floor)
+      # Skipped (matmul included) when the floor path could not be taken anyway.
+      kept, usable, floor = lax.cond(possible, lambda: self._floor_selection(params, x, floor),
+                                     lambda: nothing)
+      fast = lambda p: self._floor_path(p, x, kept, floor)
+    differentiate = lambda f: lambda p: jax.value_and_grad(f, has_aux=True)(p)
+    if grads:
+      (mse, parts), g = lax.cond(usable, differentiate(fast), differentiate(slow), params)
+    else:
+      mse, parts = lax.cond(usable, fast, slow, params)
+    fvu, acts, latents, x_hat, aux_selection, (overflow, fallback, floor) = parts
+    if grads:
+      aux, n_dead, g = topk.add_aux_k_grads(self, params, x, aux_selection, x - x_hat,
+                                            dead_mask, g)
+    else:
+      aux, n_dead = topk.aux_k_loss(self, params, x, aux_selection, x - x_hat, dead_mask)
     threshold = self._update_threshold(buffers['threshold'], acts)
     metrics = {
         'mse': mse, 'fvu': fvu, 'aux_k': aux, 'n_dead': n_dead,
@@ -110,55 +174,16 @@ class BatchTopKSAE(topk.TopKSAE):
     }
     fired = kernels.count_fired(acts, latents, self.n_latents)
     buffers = {'threshold': threshold, 'selection_floor': lax.stop_gradient(floor)}
-    return base.ForwardOutput(mse + self.cfg.aux_k_coefficient * aux, metrics, fired, buffers)
-
-  def _candidates_loss(self, params, buffers, x, dead_mask):
-    """Per-token candidates (`kernels.encode_select` in batch mode), AuxK included."""
-    x_in, enc = self._encode_sparse(params, x, dead_mask, k=self.cfg.sparse_capacity,
-                                    batch_k_per_token=self.cfg.k)
-    floor = jnp.zeros((), jnp.float32) if enc.candidate_floor is None else enc.candidate_floor
-    return self._output(params, buffers, x, x_in, (enc.values, enc.latents, enc.tokens), enc,
-                        dead_mask, enc.overflow, jnp.asarray(True), floor)
-
-  def _floor_loss(self, params, buffers, x, dead_mask, kept, floor):
-    """The kept triples of `_floor_selection`, differentiable wrt the parameters."""
-    x_in, b_enc = self._encoder_inputs(params, x)
-    values = capacity.with_encoder_vjp(kept, lax.stop_gradient(x_in), params['W_enc'], b_enc)
-    return self._output(params, buffers, x, x_in, (values, kept.latents, kept.tokens), None,
-                        dead_mask, jnp.asarray(False), jnp.asarray(False), floor)
-
-  def _branches(self, params, buffers, x, dead_mask, grads):
-    """The floor path when it is exact, else per-token candidates.
-
-    The floor path keeps the entries above `buffers['selection_floor']` (set
-    from the previous batch's candidates near rank 2 * B * k) with the
-    flat capacity selection, and the batch top-k among them; no per-token
-    top-k is computed. It is exact whenever it is taken; the first batch, and
-    any batch where the floor was too high or too low, a tie straddles the cut
-    or more latents are dead than the dense AuxK path takes, run the
-    per-token candidates instead.
-    """
-    x = x.astype(jnp.float32)
-    if dead_mask is None:
-      dead_mask = jnp.zeros((self.n_latents,), bool)
-    if not self.cfg.sparse_capacity:  # exhaustive: no candidates to speak of
-      out = lambda p: self._candidates_loss(p, buffers, x, dead_mask)
-      return base.with_grads(out)(params) if grads else out(params)
-    kept, usable, floor = self._floor_selection(params, x, buffers['selection_floor'])
-    usable &= jnp.sum(dead_mask) <= topk.aux_dense_cap(self)
-    fast = lambda p: self._floor_loss(p, buffers, x, dead_mask, kept, floor)
-    slow = lambda p: self._candidates_loss(p, buffers, x, dead_mask)
-    if grads:
-      return lax.cond(usable, base.with_grads(fast), base.with_grads(slow), params)
-    return lax.cond(usable, fast, slow, params)
+    out = base.ForwardOutput(mse + self.cfg.aux_k_coefficient * aux, metrics, fired, buffers)
+    return (out, g) if grads else out
 
   def forward(self, params, buffers, x, *, sparsity_coefficient, dead_mask):
     del sparsity_coefficient
-    return self._branches(params, buffers, x, dead_mask, grads=False)
+    return self._run(params, buffers, x, dead_mask, grads=False)
 
   def loss_and_grads(self, params, buffers, x, *, sparsity_coefficient, dead_mask):
     del sparsity_coefficient
-    return self._branches(params, buffers, x, dead_mask, grads=True)
+    return self._run(params, buffers, x, dead_mask, grads=True)
 
   def _inference_act(self, buffers):
     # ReLU then the threshold: keeps pre > max(theta, 0).

@@ -280,12 +280,19 @@ def _attach_bwd(res, g):
 _attach.defvjp(_attach_fwd, _attach_bwd)
 
 
-def with_encoder_vjp(selection, x, W_enc, b_enc):
-  """The selection's values, differentiable wrt x, W_enc and b_enc.
+def attach_encoder_vjp(values, x, W_enc, b_enc, latents, tokens=None):
+  """`values`, differentiable wrt x, W_enc and b_enc with the sparse encoder VJP.
 
-  The values must be entries of x @ W_enc + b_enc (as `select_positive` returns
-  them); their gradient is routed to the selected entries only, as in
-  `kernels.encode_select`. Unused slots must receive a zero cotangent (any
-  activation of -inf does).
+  The values must be the entries (tokens or row, latents) of x @ W_enc + b_enc,
+  selected elsewhere (without gradient); their gradient is routed to those
+  entries only, as in `kernels.encode_select`. Unused slots must receive a zero
+  cotangent (any activation of -inf does).
   """
-  return _attach(selection.values, x, W_enc, b_enc, selection.latents, selection.tokens)
+  return _attach(values, x, W_enc, b_enc, latents.astype(jnp.int32),
+                 None if tokens is None else tokens.astype(jnp.int32))
+
+
+def with_encoder_vjp(selection, x, W_enc, b_enc):
+  """A Selection's values, differentiable wrt x, W_enc and b_enc (`attach_encoder_vjp`)."""
+  return attach_encoder_vjp(selection.values, x, W_enc, b_enc, selection.latents,
+                            selection.tokens)

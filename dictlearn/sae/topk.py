@@ -21,6 +21,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from dictlearn.sae import base
+from dictlearn.sae import capacity
 from dictlearn.sae import kernels
 
 
@@ -74,28 +75,18 @@ def _aux_reconstruction_dense(sae, params, x_in, dead_mask, cap):
                  preferred_element_type=jnp.float32)
 
 
-def aux_k_loss(sae, params, enc, x_in, err, dead_mask):
-  """AuxK loss (sum over d, mean over batch units) and the number of dead latents.
+def _aux_branches(sae, x, aux_selection, err, dead_mask):
+  """The AuxK loss as functions of the parameters, and which one applies.
 
   Three cases, chosen at run time: nothing dead (0, no work); at most
   `aux_dense_cap` dead (dense over the gathered dead latents); more (the sparse
-  AuxK selection `enc` made by the encoder kernel).
-
-  Args:
-    sae: the SAE (cfg.aux_k, dtype).
-    params: SAE parameters.
-    enc: kernels.EncoderOutput; its AuxK selection is used when many are dead.
-      None when the caller guarantees that at most `aux_dense_cap` are.
-    x_in: [B, d] encoder input.
-    err: [B, d] residual x - x_hat; no gradient flows into it.
-    dead_mask: [n] bool.
+  AuxK selection the encoder kernel made, with the encoder VJP attached).
 
   Returns:
-    (aux_k scalar, n_dead scalar float32).
+    (branches, index, n_dead): branches[index](params) is the AuxK loss (sum
+    over d, mean over batch units).
   """
   n_dead = jnp.sum(dead_mask.astype(jnp.float32))
-  if not sae.cfg.aux_k:
-    return jnp.zeros((), jnp.float32), n_dead
   scale = jnp.minimum(n_dead / sae.cfg.aux_k, 1.0)
   err = lax.stop_gradient(err)
   cap = aux_dense_cap(sae)
@@ -104,27 +95,77 @@ def aux_k_loss(sae, params, enc, x_in, err, dead_mask):
     diff = e_hat - err
     return scale * jnp.sum(diff * diff) / err.shape[0]
 
-  def sparse(operands):
-    params, x_in = operands
-    del x_in  # used through enc
-    acts = jnp.where(dead_mask[enc.aux_latents], jax.nn.relu(enc.aux_values), 0.0)
-    return loss(kernels.sparse_decode(acts, enc.aux_latents, params['W_dec']))
-
-  def dense(operands):
-    params, x_in = operands
+  def dense(params):
+    x_in, _ = sae._encoder_inputs(params, x)
     return loss(_aux_reconstruction_dense(sae, params, x_in, dead_mask, cap))
 
+  def sparse(params):
+    x_in, b_enc = sae._encoder_inputs(params, x)
+    values, latents = aux_selection
+    values = capacity.attach_encoder_vjp(values, lax.stop_gradient(x_in), params['W_enc'],
+                                         b_enc, latents)
+    acts = jnp.where(dead_mask[latents], jax.nn.relu(values), 0.0)
+    return loss(kernels.sparse_decode(acts, latents, params['W_dec']))
+
+  branches = [lambda params: jnp.zeros((), jnp.float32)]
+  if cap:
+    branches.append(dense)
+  if aux_selection is not None:
+    branches.append(sparse)
+  index = jnp.where(n_dead == 0, 0, jnp.where(n_dead <= cap, 1, len(branches) - 1))
+  return branches, index, n_dead
+
+
+def aux_k_loss(sae, params, x, aux_selection, err, dead_mask):
+  """AuxK loss (sum over d, mean over batch units) and the number of dead latents.
+
+  Args:
+    sae: the SAE (cfg.aux_k, dtype).
+    params: SAE parameters.
+    x: [B, d] input (the encoder sees x - b_dec).
+    aux_selection: (values, latents) [B, aux_k], the encoder kernel's AuxK
+      selection, used when more than `aux_dense_cap` latents are dead; None
+      when the caller guarantees that at most that many are.
+    err: [B, d] residual x - x_hat; no gradient flows into it.
+    dead_mask: [n] bool.
+
+  Returns:
+    (aux_k scalar, n_dead scalar float32).
+  """
+  if not sae.cfg.aux_k:
+    return jnp.zeros((), jnp.float32), jnp.sum(dead_mask.astype(jnp.float32))
+  branches, index, n_dead = _aux_branches(sae, x, aux_selection, err, dead_mask)
   # Rematerialised branches save only their operands for the backward pass:
   # otherwise every step would carry the dense branch's [B, cap] residuals, as
   # zeros when (usually) another branch runs.
-  branches = [lambda ops: jnp.zeros((), jnp.float32)]
-  if cap:
-    branches.append(jax.checkpoint(dense))
-  if enc is not None:
-    branches.append(jax.checkpoint(sparse))
-  branch = jnp.where(n_dead == 0, 0, jnp.where(n_dead <= cap, 1, len(branches) - 1))
-  aux = lax.switch(branch, branches, (params, x_in))
-  return aux, n_dead
+  branches = branches[:1] + [jax.checkpoint(b) for b in branches[1:]]
+  return lax.switch(index, branches, params), n_dead
+
+
+def add_aux_k_grads(sae, params, x, aux_selection, err, dead_mask, grads):
+  """The AuxK loss, and `grads` plus aux_k_coefficient times its gradient.
+
+  Each case of `aux_k_loss` is differentiated on its own inside the switch, so
+  that when no latent is dead (the usual case) nothing is computed and no
+  zero gradient is formed: `grads` passes through.
+
+  Returns:
+    (aux_k scalar, n_dead scalar, grads).
+  """
+  if not sae.cfg.aux_k:
+    return jnp.zeros((), jnp.float32), jnp.sum(dead_mask.astype(jnp.float32)), grads
+  branches, index, n_dead = _aux_branches(sae, x, aux_selection, err, dead_mask)
+  coefficient = sae.cfg.aux_k_coefficient
+
+  def adding(branch):
+    def run(grads):
+      aux, aux_grads = jax.value_and_grad(branch)(params)
+      return aux, jax.tree.map(lambda g, a: g + coefficient * a.astype(g.dtype), grads, aux_grads)
+    return run
+
+  fns = [lambda grads: (jnp.zeros((), jnp.float32), grads)] + [adding(b) for b in branches[1:]]
+  aux, grads = lax.switch(index, fns, grads)
+  return aux, n_dead, grads
 
 
 class TopKSAE(base.SparseAutoencoder):
@@ -176,25 +217,45 @@ class TopKSAE(base.SparseAutoencoder):
                                 aux_mask=dead_mask)
     return x_in, enc
 
-  def forward(self, params, buffers, x, *, sparsity_coefficient, dead_mask):
-    del sparsity_coefficient  # the sparsity is fixed by k
-    x = x.astype(jnp.float32)
-    x_in, enc = self._encode_sparse(params, x, dead_mask)
+  def _reconstruction(self, params, x, dead_mask):
+    """(mse, (fvu, acts, enc, x_hat)): the main term, and what the rest needs."""
+    _, enc = self._encode_sparse(params, x, dead_mask)
     acts = jax.nn.relu(enc.values)
     x_hat = (kernels.sparse_decode(acts, enc.latents, params['W_dec'])
              + params['b_dec'].astype(jnp.float32))
     mse, fvu = base.reconstruction_metrics(x, x_hat)
-    if dead_mask is None:  # nothing dead: no AuxK term
-      aux, n_dead = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
-    else:
-      aux, n_dead = aux_k_loss(self, params, enc, x_in, x - x_hat, dead_mask)
-    loss = mse + self.cfg.aux_k_coefficient * aux
+    return mse, (fvu, acts, enc, x_hat)
+
+  def _output(self, x, mse, fvu, acts, latents, aux, n_dead):
     metrics = {
         'mse': mse, 'fvu': fvu, 'aux_k': aux, 'n_dead': n_dead,
         'l0': jnp.sum((acts > 0).astype(jnp.float32)) / x.shape[0],
     }
-    fired = kernels.count_fired(acts, enc.latents, self.n_latents)
-    return base.ForwardOutput(loss, metrics, fired, buffers)
+    fired = kernels.count_fired(acts, latents, self.n_latents)
+    return base.ForwardOutput(mse + self.cfg.aux_k_coefficient * aux, metrics, fired, {})
+
+  def forward(self, params, buffers, x, *, sparsity_coefficient, dead_mask):
+    del buffers, sparsity_coefficient  # the sparsity is fixed by k
+    x = x.astype(jnp.float32)
+    mse, (fvu, acts, enc, x_hat) = self._reconstruction(params, x, dead_mask)
+    if dead_mask is None:  # nothing dead: no AuxK term
+      aux, n_dead = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+    else:
+      aux, n_dead = aux_k_loss(self, params, x, (enc.aux_values, enc.aux_latents), x - x_hat,
+                               dead_mask)
+    return self._output(x, mse, fvu, acts, enc.latents, aux, n_dead)
+
+  def loss_and_grads(self, params, buffers, x, *, sparsity_coefficient, dead_mask):
+    """The main term's gradient, plus the AuxK term's only when a latent is dead."""
+    if dead_mask is None:
+      return super().loss_and_grads(params, buffers, x, sparsity_coefficient=sparsity_coefficient,
+                                    dead_mask=dead_mask)
+    x = x.astype(jnp.float32)
+    (mse, (fvu, acts, enc, x_hat)), grads = jax.value_and_grad(
+        lambda p: self._reconstruction(p, x, dead_mask), has_aux=True)(params)
+    aux, n_dead, grads = add_aux_k_grads(self, params, x, (enc.aux_values, enc.aux_latents),
+                                         x - x_hat, dead_mask, grads)
+    return self._output(x, mse, fvu, acts, enc.latents, aux, n_dead), grads
 
   def encode(self, params, buffers, x):
     _, enc = self._encode_sparse(params, x)
