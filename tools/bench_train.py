@@ -146,10 +146,15 @@ def peer_runs(arch: str, d: int, n: int, batch: int, k: int, steps: int):
   return []
 
 
-def bench_loader(d: int, batch: int, steps: int) -> None:
-  """Loader rows/s from a zarr store, and data wait as a share of a real run's step time."""
+def bench_loader(d: int, batch: int, steps: int, window: int = 10) -> None:
+  """Loader rows/s from a zarr store, and data wait as a share of a real run's step time.
+
+  The run logs every `window` steps; its first window holds the compilation
+  and the loader's start, so the figures are those of the windows after it.
+  """
   from dictlearn.data import loader as loader_lib
   from dictlearn.data import store as store_lib
+  from dictlearn.train import metrics as metrics_lib
   from dictlearn.train.trainer import train_and_evaluate
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, 'store')
@@ -170,17 +175,22 @@ def bench_loader(d: int, batch: int, steps: int) -> None:
       for _ in range(steps):
         jax.block_until_ready(next(it))
       rate = steps * batch / (time.perf_counter() - t)
-    print(f'loader: {rate:,.0f} rows/s of d_model {d} f32 from a local zarr3 store')
-    config = bench_config('topk', 16384, batch, 32, steps=steps)
+    print(f'loader: {rate:,.0f} rows/s of d_model {d} f32 from a local zarr3 store '
+          f'({rate / batch:.1f} batches of {batch} per second)')
+    config = bench_config('topk', 16384, batch, 32, steps=steps + window)
     config.unlock()
     config.data.store, config.data.heldout_tokens = path, 0
-    config.train.log_every, config.train.checkpoint_every = steps, 10 ** 9
+    config.train.log_every, config.train.checkpoint_every = window, 10 ** 9
     config.train.eval_batches = 0
     config.lock()
-    summary = train_and_evaluate(config, os.path.join(tmp, 'run'))
-    print(f"training run (topk 16384, batch {batch}, {steps} steps): data wait = "
-          f"{100 * summary['train']['data_wait_fraction']:.2f}% of step time, "
-          f"{summary['train']['tokens_per_second']:,.0f} tokens/s")
+    workdir = os.path.join(tmp, 'run')
+    train_and_evaluate(config, workdir)
+    later = metrics_lib.read_metrics(workdir, 'train')[1:]
+    wait = statistics.mean(r['data_wait_fraction'] for r in later)
+    tokens = statistics.mean(r['tokens_per_second'] for r in later)
+    print(f'training run (topk 16384, batch {batch}, steps {window + 1}-{steps + window} of a '
+          f'real run from that store): data wait = {100 * wait:.2f}% of step time, '
+          f'{tokens:,.0f} tokens/s')
 
 
 def main(argv=None) -> int:
@@ -240,7 +250,7 @@ def main(argv=None) -> int:
       rows.append(row)
   print('\n'.join(['', 'summary (medians over rounds):'] + rows), flush=True)
   if args.loader:
-    bench_loader(576, args.batch, steps=20)
+    bench_loader(576, args.batch, steps=30)
   return 0
 
 

@@ -75,6 +75,30 @@ def _aux_reconstruction_dense(sae, params, x_in, dead_mask, cap):
                  preferred_element_type=jnp.float32)
 
 
+@jax.custom_vjp
+def _with_b_dec_grad(b_enc, b_dec, W_enc):
+  """b_enc, through which b_dec gets its encoder-side gradient -W_enc @ d_b_enc.
+
+  (x - b_dec) @ W_enc + b_enc depends on b_dec only through that term; routing
+  it here, rather than through x - b_dec, leaves the kernels' d_x unused.
+  """
+  del b_dec, W_enc
+  return b_enc
+
+
+def _with_b_dec_grad_fwd(b_enc, b_dec, W_enc):
+  return b_enc, (b_dec, W_enc)
+
+
+def _with_b_dec_grad_bwd(res, g):
+  b_dec, W_enc = res
+  d_b_dec = -jnp.dot(W_enc.astype(jnp.float32), g.astype(jnp.float32))
+  return g, d_b_dec.astype(b_dec.dtype), None
+
+
+_with_b_dec_grad.defvjp(_with_b_dec_grad_fwd, _with_b_dec_grad_bwd)
+
+
 def _aux_branches(sae, x, aux_selection, err, dead_mask):
   """The AuxK loss as functions of the parameters, and which one applies.
 
@@ -195,12 +219,7 @@ class TopKSAE(base.SparseAutoencoder):
     """
     b_dec = params['b_dec'].astype(jnp.float32)
     x_in = x.astype(jnp.float32) - b_dec
-    shift = b_dec - lax.stop_gradient(b_dec)  # zero, with b_dec's gradient
-    # W_enc's own gradient through this product is outer(shift, .) = 0 exactly:
-    # stopping it saves a whole [d, n] outer product and its addition.
-    b_enc = params['b_enc'].astype(jnp.float32) - jnp.dot(
-        shift, lax.stop_gradient(params['W_enc']).astype(jnp.float32))
-    return x_in, b_enc
+    return x_in, _with_b_dec_grad(params['b_enc'].astype(jnp.float32), b_dec, params['W_enc'])
 
   def _encode_sparse(self, params, x, dead_mask=None, *, k=None, batch_k_per_token=0):
     """Runs the encoder kernel on x - b_dec; returns (x - b_dec, EncoderOutput).
