@@ -77,7 +77,8 @@ def test_tokens_pool_their_slots_and_overflow_is_per_group(monkeypatch):
   x, w, b, _ = _inputs(n, seed=2)
   counts = np.asarray(jnp.sum(x @ w + b > 0, axis=1))
   per_group = counts.reshape(4, 16).sum(1)  # one tile: rows in order
-  for cap in range(1, int(counts.max()) + 2):
+  edge = int(np.ceil(per_group.max() / 16))  # the least capacity that holds every group
+  for cap in (1, edge - 1, edge, int(counts.max())):
     sel = jax.jit(lambda x, w, b, c=cap: capacity.select_positive(x, w, b, c))(x, w, b)
     assert bool(sel.overflow) == bool(per_group.max() > 16 * cap), cap
     if not bool(sel.overflow):
@@ -85,8 +86,7 @@ def test_tokens_pool_their_slots_and_overflow_is_per_group(monkeypatch):
       pre = np.asarray(x @ w + b)
       np.testing.assert_array_equal(dense, np.where(pre > 0, pre, 0.0))
   # A row may hold more entries than the average capacity.
-  cap = int(np.ceil(per_group.max() / 16))
-  assert counts.max() > cap and not bool(capacity.select_positive(x, w, b, cap).overflow)
+  assert counts.max() > edge and not bool(capacity.select_positive(x, w, b, edge).overflow)
 
 
 def test_more_hit_runs_than_slots_overflows(monkeypatch):

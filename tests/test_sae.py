@@ -352,22 +352,32 @@ def test_init_b_dec_geometric_median():
 def test_sharded_forward_matches_unsharded():
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ('data', 'model'))
   rules = {'embed': None, 'latent': 'model'}
-  for arch, overrides in [('topk', {}), ('jumprelu', {'sparse_capacity': 48}),
-                          ('batchtopk', {'sparse_capacity': 12})]:
+  cases = [('topk', {}), ('jumprelu', {'sparse_capacity': 48}),
+           ('relu_l1', {'sparse_capacity': 64}), ('batchtopk', {'sparse_capacity': 12})]
+  for arch, overrides in cases:
     cfg = _cfg(arch, **overrides)
     sae = sae_lib.make_sae(cfg, D)
     params, buffers = _perturbed_params(sae)
-    # topk: dense AuxK over few dead latents; others: the sparse AuxK path.
-    x, dead = _data(), (jnp.arange(N) < 10) if arch == 'topk' else (jnp.arange(N) % 5 == 0)
-    (l1, _), g1 = _loss_and_grad(sae, params, buffers, x, 0.1, dead)
+    # topk, batchtopk: dense AuxK over few dead latents; others: the sparse AuxK path.
+    x = _data()
+    dead = (jnp.arange(N) < 10) if arch in ('topk', 'batchtopk') else (jnp.arange(N) % 5 == 0)
+    if arch == 'batchtopk':  # a floor from a first batch: the floor path
+      buffers = sae.forward(params, buffers, x, sparsity_coefficient=0.1, dead_mask=dead).buffers
     axes, _ = sae.logical_axes()
     sharded = {k: jax.device_put(v, NamedSharding(mesh, P(*[rules[a] for a in axes[k]])))
                for k, v in params.items()}
     xs = jax.device_put(x, NamedSharding(mesh, P('data', None)))
+    trainer_path = jax.jit(lambda p, x: sae.loss_and_grads(p, buffers, x, sparsity_coefficient=0.1,
+                                                           dead_mask=dead))
+    (l1, out1), g1 = _loss_and_grad(sae, params, buffers, x, 0.1, dead)
     (l2, _), g2 = _loss_and_grad(sae, sharded, buffers, xs, 0.1, dead)
-    _close(l1, l2)
-    for k in g1:
-      _close(g1[k], g2[k])
+    (out3, g3), (out4, g4) = trainer_path(params, x), trainer_path(sharded, xs)
+    if arch == 'batchtopk':
+      assert float(out1.metrics['selection_fallback']) == 0.0
+    for loss, grads in ((l2, g2), (out3.loss, g3), (out4.loss, g4)):
+      _close(l1, loss)
+      for k in g1:
+        _close(g1[k], grads[k])
 
 
 # ---- training on synthetic superposition data ----------------------------------
