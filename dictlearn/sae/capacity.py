@@ -134,15 +134,15 @@ def _compact(raw, vectors, score, slots, group_rows):
   return values, jnp.where(used, latents, 0), rows, count
 
 
-def _merge(run, new, offset):
+def _merge(acc, new, offset):
   """Appends `new` (values, latents, rows) [G, S] after the first `offset` [G] slots
-  of `run`; what does not fit is dropped (the caller flags the overflow)."""
-  slots = run[0].shape[1]
+  of `acc`; what does not fit is dropped (the caller flags the overflow)."""
+  slots = acc[0].shape[1]
   slot = jnp.arange(slots, dtype=jnp.int32)[None, :]
   source = jnp.clip(slot - offset[:, None], 0, slots - 1)
   keep = slot < offset[:, None]
   return tuple(jnp.where(keep, a, jnp.take_along_axis(b, source, axis=1))
-               for a, b in zip(run, new))
+               for a, b in zip(acc, new))
 
 
 def select_positive(x, W_enc, b_enc, capacity, *, threshold=None, margin=0.0, block_size=0,
@@ -188,8 +188,8 @@ def select_positive(x, W_enc, b_enc, capacity, *, threshold=None, margin=0.0, bl
       s = s - t[0]
     return s + jnp.float32(margin) if margin else s
 
-  def tile_block(i, j, run, count):
-    """Merges block j of tile i into the tile's running selection."""
+  def tile_block(i, j, acc, count):
+    """Merges block j of tile i into the tile's selection so far, `acc`."""
     x_tile = lax.dynamic_index_in_dim(x3, i, axis=1, keepdims=False)
     cut = lambda a: a if bs == n else lax.dynamic_slice_in_dim(a, j * bs, bs, axis=-1)
     raw = jnp.dot(x_tile.astype(mm_dtype), cut(W_enc).astype(mm_dtype),
@@ -200,31 +200,31 @@ def select_positive(x, W_enc, b_enc, capacity, *, threshold=None, margin=0.0, bl
     new = (values, latents, local * tiles + i)  # tile i holds rows i, i + T, ...
     if bs == n:  # one block: nothing to append to
       return new, new_count
-    return _merge(run, new, count), count + new_count
+    return _merge(acc, new, count), count + new_count
 
   def body(step, carry):
-    run, count, overflow = carry
+    acc, count, overflow = carry
     i, j = step % tiles, step // tiles
 
     def work(args):
-      run, count = args
-      tile_run = tuple(lax.dynamic_index_in_dim(a, i, axis=0, keepdims=False) for a in run)
-      tile_run, tile_count = tile_block(i, j, tile_run,
+      acc, count = args
+      tile_acc = tuple(lax.dynamic_index_in_dim(a, i, axis=0, keepdims=False) for a in acc)
+      tile_acc, tile_count = tile_block(i, j, tile_acc,
                                         lax.dynamic_index_in_dim(count, i, keepdims=False))
-      run = tuple(lax.dynamic_update_index_in_dim(a, b, i, axis=0) for a, b in zip(run, tile_run))
+      acc = tuple(lax.dynamic_update_index_in_dim(a, b, i, axis=0) for a, b in zip(acc, tile_acc))
       count = lax.dynamic_update_index_in_dim(count, tile_count, i, axis=0)
-      return run, count, jnp.any(tile_count > slots)
+      return acc, count, jnp.any(tile_count > slots)
 
-    return lax.cond(overflow, lambda args: args + (overflow,), work, (run, count))
+    return lax.cond(overflow, lambda args: args + (overflow,), work, (acc, count))
 
-  run = (jnp.full((tiles, groups, slots), -jnp.inf, jnp.float32),
+  acc = (jnp.full((tiles, groups, slots), -jnp.inf, jnp.float32),
          jnp.zeros((tiles, groups, slots), jnp.int32),
          jnp.zeros((tiles, groups, slots), jnp.int32))
   count = jnp.zeros((tiles, groups), jnp.int32)
-  run, count, overflow = lax.fori_loop(0, tiles * (n // bs), body,
-                                       (run, count, jnp.asarray(False)))
+  acc, count, overflow = lax.fori_loop(0, tiles * (n // bs), body,
+                                       (acc, count, jnp.asarray(False)))
   shape = (batch, capacity)
-  return Selection(run[0].reshape(shape), run[1].reshape(shape), run[2].reshape(shape),
+  return Selection(acc[0].reshape(shape), acc[1].reshape(shape), acc[2].reshape(shape),
                    overflow, jnp.sum(count))
 
 
