@@ -2,7 +2,7 @@
 
     python tools/bench_memory.py [--n_latents 1048576] [--d_model 576] [--batch 4096]
                                  [--k 32] [--block 16384] [--state_dtype bfloat16]
-                                 [--steps 3] [--devices 8]
+                                 [--steps 3] [--devices 8] [--peers .peers/bin/python]
 
 Two measurements, each in a fresh subprocess so that its peak resident memory is
 its own:
@@ -17,6 +17,12 @@ its own:
    shardings and reports, from each array's `addressable_shards`, the bytes of
    parameters and optimizer state held by one device against the total.
 
+3. When the peers' virtual environment exists (`../shared/bench/peers/README.md`):
+   EleutherAI sparsify's and SAELens's TopK steps at the same shape, each in a
+   subprocess whose address space is limited to the machine's physical memory (so
+   that a peer which cannot fit fails with its own allocation error instead of
+   waking the kernel's OOM killer); reports its peak resident memory, or the error.
+
 Not a test (tests/test_memory.py checks the same properties at a small size).
 """
 import argparse
@@ -27,6 +33,7 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEERS = os.path.join(os.path.dirname(REPO), 'shared', 'bench', 'peers')
 GIB = float(1 << 30)
 
 
@@ -148,6 +155,30 @@ def child(mode, args) -> dict:
   return json.loads(lines[-1])
 
 
+def peer_memory(python, script, argv) -> str:
+  """One peer step script run under RLIMIT_AS = physical memory: its result line and peak
+  resident memory, or the last line of its error."""
+  import resource
+  import tempfile
+  limit = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+  def cap():
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+  with tempfile.TemporaryFile('w+') as log:
+    proc = subprocess.Popen([python, os.path.join(PEERS, script)] + [str(a) for a in argv],
+                            stdout=log, stderr=subprocess.STDOUT, text=True, preexec_fn=cap)
+    _, status, usage = os.wait4(proc.pid, 0)  # its own rusage, not all children's
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    log.seek(0)
+    lines = [l.strip() for l in log.read().splitlines() if l.strip()]
+  rss = usage.ru_maxrss * 1024 / GIB
+  if proc.returncode == 0 and lines:
+    return f'{lines[-1]}; peak resident memory {rss:.2f} GiB'
+  return (f'failed (exit {proc.returncode}) under a {limit / GIB:.1f} GiB address-space limit '
+          f'after {rss:.2f} GiB resident: {lines[-1] if lines else "no output"}')
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--n_latents', type=int, default=1 << 20)
@@ -158,6 +189,8 @@ def main(argv=None) -> int:
   p.add_argument('--state_dtype', default='bfloat16', help='optim.state_dtype')
   p.add_argument('--steps', type=int, default=3)
   p.add_argument('--devices', type=int, default=8)
+  p.add_argument('--peers', default=os.path.join(REPO, '.peers', 'bin', 'python'),
+                 help="the peers' Python; skipped when it does not exist")
   p.add_argument('--child', default='', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   sys.path.insert(0, REPO)
@@ -184,6 +217,14 @@ def main(argv=None) -> int:
     print(f"{s['devices']} devices, mesh (1, {args.devices}), latent axis sharded: {part} "
           f"{q['total_gib']:.3f} GiB in all, {q['max_per_device_gib']:.4f} GiB on the fullest "
           f"device = 1/{1 / q['fraction']:.3f} of the total")
+  if not os.path.exists(args.peers):
+    print(f'peers: none ({args.peers} does not exist)')
+    return 0
+  for label, script, peer_args in (
+      ('sparsify topk', 'sparsify_step.py', [d, n, bsz, args.k, 1]),
+      ('SAELens topk', 'saelens_step.py', ['topk', d, n, bsz, args.k, 1])):
+    print(f'{label}, same shape, one step: ' + peer_memory(args.peers, script, peer_args),
+          flush=True)
   return 0
 
 
