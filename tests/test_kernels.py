@@ -24,6 +24,12 @@ def _close(a, b, tol=1e-5):
   np.testing.assert_allclose(a, b, rtol=tol, atol=tol * max(1.0, np.abs(b).max()))
 
 
+def _close_all(a, b, tol=1e-5):
+  """`_close` over the matching leaves of two pytrees (a loss and its gradients)."""
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    _close(x, y, tol)
+
+
 def _inputs(n, integer, seed=0):
   """x, W_enc, b_enc, W_dec, target. Integer-valued entries make exact ties common."""
   ks = jax.random.split(jax.random.key(seed), 5)
@@ -87,9 +93,7 @@ def test_topk_sparse_matches_dense(n, k, integer, row_ops):
   (l2, (v2, i2)), g2 = grad(_topk_pipeline_dense(k))(*args)
   np.testing.assert_array_equal(i1, i2)
   _close(v1, v2)
-  _close(l1, l2)
-  for a, b in zip(g1, g2):
-    _close(a, b)
+  _close_all((l1, g1), (l2, g2))
 
 
 def test_blocked_encoder_equals_unblocked():
@@ -109,9 +113,7 @@ def test_blocked_encoder_equals_unblocked():
   np.testing.assert_array_equal(o1.latents, o2.latents)
   np.testing.assert_array_equal(o1.aux_latents, o2.aux_latents)
   _close(o1.values, o2.values)
-  _close(l1, l2)
-  for a, b in zip(g1, g2):
-    _close(a, b)
+  _close_all((l1, g1), (l2, g2))
   # The AuxK selection is the top-k among dead latents only.
   pre = args[0] @ args[1] + args[2]
   _, ref = lax.top_k(jnp.where(dead, pre, -jnp.inf), 8)
@@ -143,9 +145,7 @@ def test_sparse_decode_with_tokens_matches_dense(row_ops):
 
   (l1, g1), (l2, g2) = [jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(values, w_dec)
                         for f in (sparse, dense)]
-  _close(l1, l2)
-  for a, b in zip(g1, g2):
-    _close(a, b)
+  _close_all((l1, g1), (l2, g2))
 
 
 # ---- BatchTopK selection ----------------------------------------------------
@@ -186,9 +186,7 @@ def test_batch_selection_matches_dense(capacity, integer, block_size, monkeypatc
             np.asarray(out.values) > 0)
   ref = np.asarray(mask) * (np.asarray(args[0] @ args[1] + args[2]) > 0)
   np.testing.assert_array_equal(kept, ref)
-  _close(l1, l2)
-  for a, b in zip(g1, g2):
-    _close(a, b)
+  _close_all((l1, g1), (l2, g2))
   if capacity == k:  # k candidates per token cannot hold a varying count
     assert bool(out.overflow)
 
@@ -226,9 +224,7 @@ def test_sharded_matches_unsharded():
              put(w_dec, 'model', None), put(target, 'data', None))
   l2, g2 = f(*sharded)
   assert g2[1].sharding.spec == P(None, 'model') or len(g2[1].sharding.device_set) == 8
-  _close(l1, l2)
-  for a, c in zip(g1, g2):
-    _close(a, c)
+  _close_all((l1, g1), (l2, g2))
 
 
 def test_bfloat16_matmul_close_to_float32():
@@ -338,9 +334,7 @@ def test_row_tiles_and_block_merges_match_one_pass(block_size, collect, monkeypa
     np.testing.assert_array_equal(o1.aux_latents, o2.aux_latents)
     _close(o1.values, o2.values)
     _close(o1.min_score, o2.min_score)
-    _close(l1, l2)
-    for a, c in zip(g1, g2):
-      _close(a, c)
+    _close_all((l1, g1), (l2, g2))
 
 
 @pytest.mark.parametrize('integer', [False, True])
@@ -359,9 +353,7 @@ def test_batch_selection_with_row_tiles_matches_dense(integer, monkeypatch):
             np.asarray(out.values) > 0)
   ref = np.asarray(mask) * (np.asarray(args[0] @ args[1] + args[2]) > 0)
   np.testing.assert_array_equal(kept, ref)
-  _close(l1, l2)
-  for a, b in zip(g1, g2):
-    _close(a, b)
+  _close_all((l1, g1), (l2, g2))
 
 
 def test_zero_cotangent_skips_encoder_backward():
