@@ -83,6 +83,17 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
   assert np.isfinite(resumed['eval']['fvu'])
 
 
+def test_checkpoint_of_another_architecture_is_refused_by_name(tmp_path):
+  train_and_evaluate(tiny_config(**{'train.num_steps': 5}), str(tmp_path))
+  saved = sorted(os.listdir(ckpt_lib.checkpoint_dir(str(tmp_path))))
+  other = tiny.get_config('batchtopk')
+  with pytest.raises(ValueError, match=r"buffers: expected \['selection_floor', 'threshold'\]"):
+    train_and_evaluate(other, str(tmp_path))
+  # Nothing already written is lost: the checkpoint still restores as it was.
+  assert sorted(os.listdir(ckpt_lib.checkpoint_dir(str(tmp_path)))) == saved
+  assert int(final_state(tmp_path)['step']) == 5
+
+
 def test_sigterm_saves_and_resumes(tmp_path):
   workdir = tmp_path / 'run'
   cmd = [sys.executable, '-m', 'dictlearn.train', '--config', 'experiments/tiny.py',

@@ -61,9 +61,31 @@ def latest_step(directory: str) -> int | None:
     manager.close()
 
 
+def _check_arrays_match(manager: ocp.CheckpointManager, step: int, abstract_state: dict):
+  """Raises ValueError, naming the arrays, when the checkpoint's parameters or buffers
+  are not the ones this SAE has (another architecture, or an older dictlearn)."""
+  saved = manager.item_metadata(step)['state'].tree
+  problems = []
+  for part in ('params', 'buffers'):
+    have, want = set(saved.get(part) or {}), set(abstract_state[part])
+    if have != want:
+      problems.append(f"{part}: expected {sorted(want)}, the checkpoint has {sorted(have)}")
+  if problems:
+    raise ValueError(
+        f'checkpoint step {step} in {manager.directory} does not match this SAE ('
+        + '; '.join(problems) + '). It was written for another architecture or by a '
+        'dictlearn whose state differs (BatchTopK added the buffer selection_floor); '
+        'train from a fresh workdir, or point train.init_from at a matching checkpoint.')
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: dict,
             shardings: dict) -> tuple[dict, dict, dict]:
-  """Restores (state, config_dict, run_info) at `step` onto the given shardings."""
+  """Restores (state, config_dict, run_info) at `step` onto the given shardings.
+
+  Raises:
+    ValueError: when the checkpoint's parameters or buffers differ from this SAE's.
+  """
+  _check_arrays_match(manager, step, abstract_state)
   target = state_lib.abstract_with_shardings(abstract_state, shardings)
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(target),
