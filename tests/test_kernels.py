@@ -356,6 +356,25 @@ def test_batch_selection_with_row_tiles_matches_dense(integer, monkeypatch):
   _close_all((l1, g1), (l2, g2))
 
 
+@pytest.mark.parametrize('size,rank', [(1 << 20, 1000), (1 << 20, 300000), (4096, 100)])
+def test_score_near_rank(size, rank):
+  scores = jax.random.normal(jax.random.key(3), (size,))
+  got = float(kernels.score_near_rank(scores.reshape(64, -1), rank))
+  # Its rank among all the scores is off by the sampling error, about
+  # sqrt(rank * stride) (exact when nothing is skipped).
+  stride = max(1, size // kernels._RANK_SAMPLE) | 1
+  got_rank = int(jnp.sum(scores > got))
+  assert abs(got_rank - rank) <= 4 * (rank * stride) ** 0.5 * (stride > 1), (got_rank, rank)
+
+
+def test_candidate_floor_keeps_the_previous_floor_when_short():
+  scores = jnp.array([5.0, 4.0, 3.0, -jnp.inf])
+  # Rank 2 * 3 is past every score: the smallest sample (-inf) loses to the floor.
+  assert float(kernels.candidate_floor(scores, 3, floor=2.5)) == 2.5
+  assert float(kernels.candidate_floor(scores, 1)) == 3.0  # rank 2
+  assert float(kernels.candidate_floor(-scores, 1)) == 0.0  # never below 0
+
+
 def test_zero_cotangent_skips_encoder_backward():
   # The ReLU SAEs' dense fallback gives the selection a zero cotangent.
   x, w, b, _, _ = _inputs(64, False)

@@ -4,8 +4,8 @@ The dense encoder product `x @ W_enc` ([B, d] x [d, n]) is the only cost of an
 SAE step that must touch every latent. Everything after it follows only the
 selected latents: the forward keeps the selected pre-activations (top-k per
 token or top-(k*B) across the batch here; every non-zero up to a capacity in
-`capacity`), and the backward of the encoder and both passes of the decoder gather and scatter rows
-of the weights at the selected indices.
+`capacity`), and the backward of the encoder and both passes of the decoder
+gather and scatter rows of the weights at the selected indices.
 
 The [B, n] pre-activation matrix never exists whole: the encoder runs over
 tiles of rows (about 32 MiB of pre-activations each) and, with
@@ -390,9 +390,9 @@ class EncoderOutput(NamedTuple):
       (A reduction, not a slice: XLA on CPU turns a top-k whose outputs are
       sliced into a full sort of each row, 10-100x slower.)
     candidate_floor: float32 scalar, batch mode with per-token candidates: a
-      score near rank _FLOOR_SLACK * B * k among them (`score_near_rank`;
-      0 when there are fewer): a floor above which the next batch's
-      candidates may be taken (see `BatchTopKSAE`).
+      score near rank _FLOOR_SLACK * B * k among them, at least 0
+      (`candidate_floor`): a floor above which the next batch's candidates
+      may be taken (see `BatchTopKSAE`).
   """
   values: jax.Array
   latents: jax.Array
@@ -625,10 +625,14 @@ def _kth_largest_key(keys, count):
 
 
 def score_near_rank(scores, rank):
-  """About the rank-th largest (0-based) of `scores` (any shape), -inf if fewer.
+  """About the rank-th largest (0-based) of `scores` (any shape).
 
-  Sorts a strided sample of at most _RANK_SAMPLE entries: a few milliseconds,
-  where an exact selection among millions would cost a top-k or a bisection.
+  Sorts a strided sample of at most _RANK_SAMPLE entries (stride s, odd): an
+  estimate whose true rank is off by about sqrt(rank * s) for scores in no
+  particular order, at a few milliseconds where an exact selection among
+  millions would cost a top-k or a bisection (callers need only a rough floor:
+  exactness is checked elsewhere).
+  When `rank` is past the last sampled entry, returns the smallest sampled.
   """
   flat = scores.reshape(-1)
   # An odd stride: rows of sorted candidates (a power-of-two length) are then
