@@ -49,12 +49,13 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import pydoc_data.topics
 
+from dictlearn import cache as cache_lib
+
 log = logging.getLogger(__name__)
 
 BUILTIN = 'builtin'
 GENERATED = 'generated'
 FILE_SUFFIXES = ('.txt', '.jsonl')
-DEFAULT_CACHE_DIR = os.path.join('~', '.cache', 'dictlearn')
 
 GENERATION_PROMPTS = (
     'Explain how volcanoes form and why some eruptions are explosive.',
@@ -370,16 +371,11 @@ class Corpus:
 # ---- generated text ---------------------------------------------------------------
 
 
-def default_cache_dir():
-  """$DICTLEARN_CACHE, else ~/.cache/dictlearn."""
-  return os.path.expanduser(os.environ.get('DICTLEARN_CACHE') or DEFAULT_CACHE_DIR)
-
-
 def generated_cache_path(cache_dir, model_path, prompts, settings):
   """Cache file of generated text for a model file, a prompt list and settings.
 
   Args:
-    cache_dir: directory of the cache ('' = `default_cache_dir()`).
+    cache_dir: directory of the cache ('' = `dictlearn.cache.cache_dir()`).
     model_path: the model file; its name and size enter the key.
     prompts: the prompts.
     settings: JSON-able generation settings (max_new_tokens, temperature, seed, ...).
@@ -390,7 +386,7 @@ def generated_cache_path(cache_dir, model_path, prompts, settings):
   key = json.dumps({'model': os.path.basename(model_path), 'bytes': os.path.getsize(model_path),
                     'prompts': list(prompts), 'settings': settings}, sort_keys=True)
   digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-  return os.path.join(cache_dir or default_cache_dir(), f'generated-{digest}.jsonl')
+  return os.path.join(cache_dir or cache_lib.cache_dir(), f'generated-{digest}.jsonl')
 
 
 def ensure_generated(path, prompts, generate_fn: Callable[[Sequence[str], int], Sequence[str]],

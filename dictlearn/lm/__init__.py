@@ -8,7 +8,8 @@
 # The generation function stays at dictlearn.lm.generate.generate: re-exporting it here
 # would hide the module of the same name.
 from dictlearn.lm.generate import chat
-from dictlearn.lm.gguf import default_gguf_path, llamacpp_rope_permute, load_gguf
+from dictlearn.fetch import default_gguf_path
+from dictlearn.lm.gguf import llamacpp_rope_permute, load_gguf
 from dictlearn.lm.llama import (LlamaConfig, cross_entropy, forward, parse_site, perplexity,
                                 valid_sites)
 from dictlearn.lm.tokenizer import Tokenizer

