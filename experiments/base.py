@@ -30,6 +30,7 @@ def get_config(arg=None):
   c.data.synthetic.power_law_exponent = 0.5  # firing frequency of feature i ~ (i + 1) ** -exponent
   c.data.synthetic.noise_std = 0.0  # std of isotropic Gaussian noise added to every row
   c.data.synthetic.seed = 1234  # seed of the true dictionary and the coefficients
+  c.data.synthetic.recovered_cosine = 0.9  # a true direction counts as recovered when a decoder row has this cosine with it
 
   # ---- SAE -----------------------------------------------------------------
   c.sae = ml_collections.ConfigDict()
@@ -48,6 +49,7 @@ def get_config(arg=None):
   c.sae.decoder_init_norm = 0.1  # initial decoder row norm of relu_l1 (the others keep unit rows)
   c.sae.encoder_block_size = 0  # latents per encoder block with a running top-k merge; 0 = one block
   c.sae.sparse_capacity = 0  # relu_l1/jumprelu: slots per token, on average over groups of 64 tokens, for the non-zeros followed sparsely (0 = dense; more falls back to dense); batchtopk: candidates per token (>= k; 0 = exact batch search)
+  c.sae.b_dec_init_rows = 16384  # training rows sampled for b_dec's initial value (their geometric median)
   c.sae.dtype = 'float32'  # compute dtype of the SAE forward pass
   c.sae.param_dtype = 'float32'  # storage dtype of the parameters
 
@@ -72,6 +74,7 @@ def get_config(arg=None):
   c.train.checkpoint_every = 500  # steps between checkpoints
   c.train.keep_checkpoints = 3  # checkpoints kept (older ones deleted)
   c.train.eval_batches = 4  # held-out batches evaluated at the end of training (0 = skip)
+  c.train.ce_contexts = 16  # held-out contexts for CE loss recovered (dictlearn.evals, the pipeline; harvested stores only; 0 = skip)
   c.train.init_from = ''  # checkpoint directory to start from when the workdir has none
 
   # ---- sharding ------------------------------------------------------------

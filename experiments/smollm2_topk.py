@@ -23,7 +23,6 @@ def get_config(arg=None):
   c.harvest.unlock()
   c.harvest.corpus = 'builtin'
   c.harvest.sites = ('blocks.12.hook_resid_post',)
-  c.ce_contexts = 16  # held-out contexts for CE loss recovered (0 skips it)
   c.data.heldout_tokens = 8192
   c.sae.architecture = 'topk'
   c.sae.n_latents = 4096
@@ -39,7 +38,7 @@ def get_config(arg=None):
   if arg == 'tiny':
     c.harvest.sites = ('blocks.1.hook_resid_post',)
     c.harvest.token_budget = 3000
-    c.ce_contexts = 2
+    c.train.ce_contexts = 2
     c.data.heldout_tokens = 512
     c.sae.n_latents, c.sae.k, c.sae.aux_k = 256, 8, 32
     c.train.batch_size, c.train.num_steps, c.train.log_every = 128, 30, 10

@@ -228,7 +228,7 @@ def test_empty_corpus_and_context_length_checked_before_writing(tmp_path, smollm
 
 @pytest.mark.slow  # about 30 s: compiles the generation loop
 def test_generated_corpus_is_generated_once_and_harvested(tmp_path, smollm2):
-  _, _, tokenizer = model
+  _, _, tokenizer = smollm2
   config = _config(corpus='generated', token_budget=-1, sites=('blocks.0.hook_resid_post',))
   with config.unlocked():
     config.generate.update(n_prompts=3, max_new_tokens=12, batch_size=2,

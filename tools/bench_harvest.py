@@ -24,14 +24,12 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
 
-import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-from dictlearn import harvest as harvest_lib  # pylint: disable=g-import-not-at-top
-from dictlearn.lm import gguf  # pylint: disable=g-import-not-at-top
-from experiments import harvest_smollm2  # pylint: disable=g-import-not-at-top
+from dictlearn import harvest as harvest_lib
+from dictlearn.lm import gguf
+from experiments import harvest_smollm2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS_PYTHON = os.path.join(REPO, '.peers', 'bin', 'python')

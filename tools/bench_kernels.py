@@ -16,12 +16,9 @@ Prints tokens/s and the fraction of the ceiling. Not a test.
 import argparse
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # pylint: disable=g-import-not-at-top
+import jax
 from jax import lax
 import jax.numpy as jnp
 

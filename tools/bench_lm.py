@@ -14,7 +14,6 @@ import os
 import re
 import statistics
 import subprocess
-import sys
 import time
 
 import jax
@@ -22,8 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pydoc_data.topics
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dictlearn.lm import generate, gguf, llama  # pylint: disable=g-import-not-at-top
+from dictlearn.lm import generate, gguf, llama
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS_PYTHON = os.path.join(REPO, '.peers', 'bin', 'python')

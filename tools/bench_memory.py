@@ -193,7 +193,6 @@ def main(argv=None) -> int:
                  help="the peers' Python; skipped when it does not exist")
   p.add_argument('--child', default='', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
-  sys.path.insert(0, REPO)
   if args.child:
     result = run_steps(args) if args.child == 'steps' else shard_bytes(args)
     print(json.dumps(result), flush=True)

@@ -34,18 +34,16 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from dictlearn import sharding as sharding_lib  # noqa: E402
-from dictlearn.sae import make_sae  # noqa: E402
-from dictlearn.train import schedules  # noqa: E402
-from dictlearn.train import state as state_lib  # noqa: E402
-from dictlearn.train.trainer import make_train_step  # noqa: E402
-from experiments import base  # noqa: E402
+from dictlearn import sharding as sharding_lib
+from dictlearn.sae import make_sae
+from dictlearn.train import schedules
+from dictlearn.train import state as state_lib
+from dictlearn.train.trainer import make_train_step
+from experiments import base
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS = os.path.join(os.path.dirname(REPO), 'shared', 'bench', 'peers')

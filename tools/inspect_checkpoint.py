@@ -7,23 +7,22 @@ were saved with, decoder-norm statistics, the dead fraction by the run's own
 threshold, and the last metrics recorded. Reads through
 `dictlearn.train.checkpoint`; no second copy of the format.
 """
-import argparse
 import json
 import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from dictlearn.train import checkpoint as ckpt_lib  # noqa: E402
-from dictlearn.train import metrics as metrics_lib  # noqa: E402
+from dictlearn import cli
+from dictlearn.train import checkpoint as ckpt_lib
+from dictlearn.train import metrics as metrics_lib
 
 
 def describe(workdir: str, step: int | None = None) -> dict:
   """Everything the tool prints, as a dict."""
+  workdir = ckpt_lib.run_directory(workdir)
   directory = ckpt_lib.checkpoint_dir(workdir)
   step, config, run = ckpt_lib.read_metadata(directory, step)
   shardings = ckpt_lib.saved_shardings(directory, step)
@@ -56,17 +55,8 @@ def describe(workdir: str, step: int | None = None) -> dict:
   }
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-  parser.add_argument('--workdir', required=True, help='run directory')
-  parser.add_argument('--step', type=int, default=None, help='checkpoint step (default latest)')
-  parser.add_argument('--json', action='store_true', help='print one JSON object')
-  args = parser.parse_args(argv)
-  try:
-    info = describe(args.workdir, args.step)
-  except FileNotFoundError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+def _main(args) -> int:
+  info = describe(args.workdir, args.step)
   if args.json:
     print(json.dumps(info, indent=2, default=str))
     return 0
@@ -89,6 +79,15 @@ def main(argv=None) -> int:
   print('config')
   print('  ' + json.dumps(info['config'], indent=2).replace('\n', '\n  '))
   return 0
+
+
+def main(argv=None) -> int:
+  parser = cli.ArgumentParser(prog='python tools/inspect_checkpoint.py', description=__doc__)
+  parser.add_argument('--workdir', required=True,
+                      help="run directory (or a pipeline's directory: its run is sae/)")
+  parser.add_argument('--step', type=int, default=None, help='checkpoint step (default latest)')
+  parser.add_argument('--json', action='store_true', help='print one JSON object')
+  return cli.run_tool(_main, parser, argv)
 
 
 if __name__ == '__main__':

@@ -6,16 +6,14 @@ PATH is a local path or a file://, memory://, gs:// or s3:// URL. Works on
 incomplete stores too (shows progress.json and the committed rows). Reads only
 through `dictlearn.data.store`.
 """
-import argparse
 import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # pylint: disable=g-import-not-at-top
-
-from dictlearn.data import store  # pylint: disable=g-import-not-at-top
+from dictlearn import cli
+from dictlearn.data import store
 
 
 def _bytes_on_disk(directory):
@@ -91,12 +89,7 @@ def _print(info):
   print(f"columns     {info['columns_present']} (present = not all -1 in the first rows)")
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('path', help='store path or URL')
-  parser.add_argument('--sample_rows', type=int, default=8192, help='rows sampled for norm stats')
-  parser.add_argument('--json', action='store_true', help='print one JSON object')
-  args = parser.parse_args(argv)
+def _main(args) -> int:
   info = describe(args.path, args.sample_rows)
   if args.json:
     print(json.dumps(info, indent=1, sort_keys=True))
@@ -104,5 +97,13 @@ def main(argv=None):
     _print(info)
 
 
+def main(argv=None) -> int:
+  parser = cli.ArgumentParser(prog='python tools/inspect_store.py', description=__doc__)
+  parser.add_argument('path', help='store path or URL')
+  parser.add_argument('--sample_rows', type=int, default=8192, help='rows sampled for norm stats')
+  parser.add_argument('--json', action='store_true', help='print one JSON object')
+  return cli.run_tool(_main, parser, argv)
+
+
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

@@ -53,6 +53,7 @@ CONTEXT = ts.Context()
 
 class IncompleteStoreError(RuntimeError):
   """The store has no manifest.json: its writer has not finished."""
+  user_error = True  # its message is the whole story (dictlearn.cli)
 
 
 # ---- paths ------------------------------------------------------------------

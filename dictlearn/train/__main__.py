@@ -1,28 +1,22 @@
-"""python -m dictlearn.train --config experiments/NAME.py --workdir DIR [--config.x=y ...]"""
-import json
-import logging
+"""Trains an SAE as an experiment config says, resuming from the latest checkpoint.
 
-from absl import app
-from absl import flags
-from ml_collections import config_flags
+    python -m dictlearn.train --config experiments/NAME.py[:ARG] --workdir DIR [--config.a.b=v ...]
 
-from dictlearn.config_cli import parse_flags
-from dictlearn.train.trainer import train_and_evaluate
+Checkpoints, metrics.jsonl, tensorboard/ and log.txt go to DIR. Run the same
+command again to resume; SIGTERM saves a checkpoint and stops.
+"""
+from dictlearn import cli
+from dictlearn.train import trainer
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'run directory (checkpoints, metrics)')
-flags.mark_flags_as_required(['config', 'workdir'])
+_CONFIG, _WORKDIR = cli.define_flags(
+    'workdir', 'run directory (checkpoints, metrics, log.txt)', 'experiment config file[:arg]')
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.getLogger().setLevel(logging.INFO)
-  logging.getLogger('absl').setLevel(logging.ERROR)  # orbax's per-save chatter
-  summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  print(json.dumps(summary, indent=2, default=str))
+  cli.no_arguments(argv)
+  summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  print(trainer.summary_text(summary))
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  cli.run_config_command(main, doc=__doc__, log_dir=lambda: _WORKDIR.value)

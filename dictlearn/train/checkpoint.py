@@ -4,7 +4,7 @@ Layout: `workdir/checkpoints/<step>/{state, config, run}`:
     state   the whole train state (params, buffers, opt_state, step, rng, stats)
     config  the ConfigDict the run was started with, as JSON
     run     facts derived at start that a resume must reuse, as JSON (data_scale,
-            d_model, store path)
+            d_model, and the store: `run_record`)
 
 Order on start (`train_and_evaluate`): the latest checkpoint in the workdir; else
 `config.train.init_from` (a checkpoint directory of another run: its state is
@@ -28,6 +28,60 @@ def _abs(path: str) -> str:
 def checkpoint_dir(workdir: str) -> str:
   """Where a run keeps its checkpoints."""
   return os.path.join(_abs(workdir), 'checkpoints')
+
+
+def run_directory(workdir: str) -> str:
+  """The training run in `workdir`: itself, or the `sae/` run of a pipeline's directory.
+
+  Raises:
+    FileNotFoundError: neither holds checkpoints.
+  """
+  for candidate in (workdir, os.path.join(workdir, 'sae')):
+    if '://' in candidate or os.path.isdir(checkpoint_dir(candidate)):
+      return candidate
+  raise FileNotFoundError(
+      f'no checkpoints in {workdir!r}: expected {os.path.join(workdir, "checkpoints")} (a '
+      f'training run) or {os.path.join(workdir, "sae", "checkpoints")} (a pipeline run)')
+
+
+def run_record(store: str, workdir: str, *, d_model: int, data_scale: float) -> dict:
+  """The `run` item: what a resume must reuse, with the store recorded portably.
+
+  The store is kept twice: `store`, absolute (or its URL), and `store_from_workdir`,
+  relative to the workdir (None for a URL). `recorded_store` tries the relative
+  one first, so a workdir moved together with its store (synthetic data in
+  `workdir/data`, the pipeline's `activations/` beside `sae/`) and a workdir
+  moved away from a store that stayed put both still find it, from any current
+  directory.
+  """
+  local = '://' not in store
+  return {
+      'store': os.path.abspath(store) if local else store,
+      'store_from_workdir': os.path.relpath(os.path.abspath(store), _abs(workdir)) if local else None,
+      'd_model': int(d_model),
+      'data_scale': float(data_scale),
+  }
+
+
+def recorded_store(run_info: dict, workdir: str) -> str:
+  """The store a run trained on (see `run_record`).
+
+  Raises:
+    FileNotFoundError: neither recorded path holds a store; the message names both.
+  """
+  relative = run_info.get('store_from_workdir')
+  candidates = []
+  if relative:
+    candidates.append(os.path.normpath(os.path.join(_abs(workdir), relative)))
+  candidates.append(run_info['store'])
+  for path in candidates:
+    if '://' in path or os.path.isdir(path):
+      return path
+  raise FileNotFoundError(
+      f'the activation store of the run in {workdir} is gone: looked at '
+      + ' and '.join(repr(c) for c in candidates)
+      + ' (a workdir keeps the store path it was started with; move the store back, or '
+      'start a new run with --config.data.store=PATH and train.init_from)')
 
 
 def make_manager(directory: str, *, keep: int = 3, read_only: bool = False,

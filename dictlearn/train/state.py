@@ -6,7 +6,6 @@ The state is a plain dict (so orbax saves and restores it without custom nodes):
     buffers     non-trainable SAE state (batchtopk's inference threshold)
     opt_state   optax state; its parameter-shaped parts shard like the parameters
     step        int32 scalar: optimisation steps taken
-    rng         PRNG key data (uint32[2]); split inside the step when needed
     stats       running latent statistics:
                   steps_since_fired int32 [n_latents]
                   fire_count        float32 [n_latents], tokens fired in the current window
@@ -25,8 +24,9 @@ from dictlearn.sae.base import SparseAutoencoder
 
 def init_state(sae: SparseAutoencoder, tx: optax.GradientTransformation, seed: int) -> dict:
   """A fresh train state (call under jit, or through `jax.eval_shape`)."""
-  key = jax.random.key(seed)
-  init_key, state_key = jax.random.split(key)
+  # The same key as when the state also held an rng (the step never drew from it):
+  # a seed still gives the parameters it gave.
+  init_key, _ = jax.random.split(jax.random.key(seed))
   params, buffers = sae.init(init_key)
   n = sae.n_latents
   return {
@@ -34,7 +34,6 @@ def init_state(sae: SparseAutoencoder, tx: optax.GradientTransformation, seed: i
       'buffers': buffers,
       'opt_state': tx.init(params),
       'step': jnp.zeros([], jnp.int32),
-      'rng': jax.random.key_data(state_key),
       'stats': {
           'steps_since_fired': jnp.zeros([n], jnp.int32),
           'fire_count': jnp.zeros([n], jnp.float32),
@@ -62,7 +61,6 @@ def state_logical_axes(sae: SparseAutoencoder, tx: optax.GradientTransformation,
       'buffers': buffer_axes,
       'opt_state': opt_axes,
       'step': (),
-      'rng': (None,),
       'stats': {
           'steps_since_fired': ('latent',),
           'fire_count': ('latent',),

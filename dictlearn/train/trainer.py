@@ -7,13 +7,13 @@ and one global batch, and returns the next state; it is jitted once with explici
 in/out shardings and the state donated. Data position is a function of the step,
 so resuming is restoring the state and replaying the loader from its step.
 """
-import functools
 import logging
 import math
 import os
 import signal
 import threading
 import time
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,17 +21,20 @@ import ml_collections
 import numpy as np
 import optax
 
-from dictlearn import evals
+from dictlearn import logs
 from dictlearn import sharding as sharding_lib
 from dictlearn.data import loader as loader_lib
 from dictlearn.data import store as store_lib
 from dictlearn.data import synthetic
 from dictlearn.sae import make_sae
 from dictlearn.sae.base import SparseAutoencoder
+from dictlearn.sae.evaluation import evaluate_reconstruction
 from dictlearn.train import checkpoint as ckpt_lib
 from dictlearn.train import metrics as metrics_lib
 from dictlearn.train import schedules
 from dictlearn.train import state as state_lib
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteError(FloatingPointError):
@@ -121,8 +124,8 @@ def resolve_store(config: ml_collections.ConfigDict, workdir: str) -> str:
     return config.data.store
   path = os.path.join(os.path.abspath(workdir), 'data')
   s = config.data.synthetic
-  logging.info('synthetic data (%d true features in %d dims, %d rows) at %s',
-               s.n_true, s.d_model, s.n_tokens, path)
+  logs.stage('synthetic data: %d true features in %d dimensions, %d rows, in %s',
+             s.n_true, s.d_model, s.n_tokens, path)
   # Idempotent: a finished store with these parameters is kept as it is.
   synthetic.write_synthetic_store(
       path, n_true=s.n_true, d_model=s.d_model, n_tokens=s.n_tokens,
@@ -169,7 +172,7 @@ class _Preemption:
 
   def _handle(self, signum, frame):
     del signum, frame
-    logging.warning('SIGTERM: saving a checkpoint and stopping')
+    log.warning('SIGTERM: saving a checkpoint and stopping')
     self.requested = True
 
   def __exit__(self, *exc):
@@ -186,6 +189,140 @@ def _raise_nonfinite(stats: dict, names: list[str]) -> None:
   raise NonFiniteError(
       f'non-finite {", ".join(bad)} at step {step}; the run stopped without saving that '
       f'state (the last checkpoint is intact): lower optim.learning_rate or check the data')
+
+
+class Run(NamedTuple):
+  """What a run is made of before its first step: derived once, on start or resume."""
+  mesh: jax.sharding.Mesh
+  manager: Any  # orbax CheckpointManager over workdir/checkpoints
+  latest: int | None  # latest checkpoint step, None for a fresh run
+  reader: store_lib.StoreReader
+  run_info: dict  # the checkpoint's `run` item (`ckpt_lib.run_record`)
+  sae: SparseAutoencoder
+  tx: optax.GradientTransformation
+  abstract: dict  # abstract train state
+  shardings: dict  # its shardings
+
+
+def open_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  """Mesh, checkpoints, store and SAE of a run in `workdir` (new or resumed).
+
+  A resumed run reads its store and normalisation from the latest checkpoint's
+  `run` item, so that it continues on exactly the data it started on.
+  """
+  mesh = sharding_lib.make_mesh(config.mesh.shape, config.mesh.axis_names)
+  check_batch(config, mesh)
+  manager = ckpt_lib.make_manager(ckpt_lib.checkpoint_dir(workdir),
+                                  keep=config.train.keep_checkpoints)
+  latest = manager.latest_step()
+  if latest is not None:
+    _, _, run_info = ckpt_lib.read_metadata(ckpt_lib.checkpoint_dir(workdir), latest)
+    store_path = ckpt_lib.recorded_store(run_info, workdir)
+  else:
+    run_info, store_path = None, resolve_store(config, workdir)
+  reader = store_lib.StoreReader(store_path,
+                                 d_model=config.data.d_model if config.data.d_model > 0 else None)
+  if run_info is None:
+    scale = loader_lib.normalization_scale(reader) if config.data.normalize else 1.0
+    run_info = ckpt_lib.run_record(store_path, workdir, d_model=reader.d_model, data_scale=scale)
+  sae = make_sae(config.sae, reader.d_model)
+  tx = schedules.make_optimizer(config.optim, config.train.num_steps)
+  abstract, shardings = state_lib.state_shardings(sae, tx, config.seed, mesh,
+                                                  config.mesh.logical_axis_rules)
+  return Run(mesh, manager, latest, reader, run_info, sae, tx, abstract, shardings)
+
+
+def initial_state(run: Run, config: ml_collections.ConfigDict) -> dict:
+  """The latest checkpoint in the workdir, else `train.init_from`, else a fresh state
+  (with b_dec at the geometric median of a sample of training rows)."""
+  if run.latest is not None:
+    state, _, _ = ckpt_lib.restore(run.manager, run.latest, run.abstract, run.shardings)
+    return state
+  if config.train.init_from:
+    source = ckpt_lib.make_manager(config.train.init_from, read_only=True)
+    try:
+      state, _, _ = ckpt_lib.restore(source, source.latest_step(), run.abstract, run.shardings)
+    finally:
+      source.close()
+    return state
+  state = state_lib.create_state(run.sae, run.tx, config.seed, run.shardings)
+  sample = sample_train_rows(run.reader, config.data.heldout_tokens, config.sae.b_dec_init_rows,
+                             config.seed, run.run_info['data_scale'])
+  init_b_dec = jax.jit(run.sae.init_b_dec, out_shardings=run.shardings['params'])
+  state['params'] = init_b_dec(state['params'], jnp.asarray(sample))
+  return state
+
+
+def _train_loop(run: Run, config: ml_collections.ConfigDict, state: dict, workdir: str,
+                writer: metrics_lib.MetricWriter, stop_at: int | None) -> tuple[dict, dict]:
+  """Steps from the state's step to num_steps (or stop_at, or SIGTERM), logging and
+  checkpointing on the way. Returns (state, {'train': last metrics, 'preempted',
+  'stopped_at'})."""
+  num_steps, batch_size = config.train.num_steps, config.train.batch_size
+  rules = config.mesh.logical_axis_rules
+  data_sharding = sharding_lib.batch_sharding(run.mesh, rules)
+  names = metric_names(run.sae, run.tx, config, run.abstract, (batch_size, run.reader.d_model))
+  train_step = jax.jit(make_train_step(run.sae, run.tx, config),
+                       in_shardings=(run.shardings, data_sharding),
+                       out_shardings=(run.shardings, sharding_lib.replicated(run.mesh)),
+                       donate_argnums=0)
+  config_dict = config.to_dict()
+  start_step = int(state['step'])
+  out = {'train': {}, 'preempted': False}
+  loader = loader_lib.Loader(
+      run.reader, batch_size=batch_size, seed=config.seed, start_step=start_step,
+      scale=run.run_info['data_scale'], sharding=data_sharding, prefetch=config.data.prefetch,
+      shuffle_window_chunks=config.data.shuffle_window_chunks,
+      heldout_tokens=config.data.heldout_tokens)
+  progress = metrics_lib.Progress(num_steps, start_step, batch_size)
+  wait_time, window_start = 0.0, time.perf_counter()
+  try:
+    with _Preemption() as preemption, loader:
+      step = start_step
+      batches = iter(loader)
+      while step < num_steps:
+        t0 = time.perf_counter()
+        batch = next(batches)
+        wait_time += time.perf_counter() - t0
+        state, metrics = train_step(state, batch)
+        step += 1
+        if step % config.train.log_every == 0 or step == num_steps:
+          _raise_nonfinite(jax.device_get(state['stats']), names)
+          record = metrics_lib.to_python(metrics)
+          elapsed = time.perf_counter() - window_start
+          record['data_wait_fraction'] = wait_time / max(elapsed, 1e-9)
+          record['tokens_per_second'] = progress.update(step, record)
+          writer.write(step, record)
+          out['train'] = record
+          wait_time, window_start = 0.0, time.perf_counter()
+        if (step % config.train.checkpoint_every == 0 or step in (num_steps, stop_at)
+            or preemption.requested):
+          _raise_nonfinite(jax.device_get(state['stats']), names)
+          ckpt_lib.save(run.manager, step, state, config_dict, run.run_info)
+        if preemption.requested or step == stop_at:
+          out.update(preempted=preemption.requested, stopped_at=step)
+          break
+    run.manager.wait_until_finished()
+  finally:
+    progress.close()
+  return state, out
+
+
+def _final_evaluation(run: Run, config: ml_collections.ConfigDict, state: dict,
+                      store_path: str) -> dict:
+  """Held-out FVU, L0, dead/dense (and, on synthetic data, the recovered fraction)."""
+  evaluation = evaluate_reconstruction(
+      run.sae, state['params'], state['buffers'],
+      loader_lib.heldout_batches(run.reader, config.train.batch_size, config.train.eval_batches,
+                                 heldout_tokens=config.data.heldout_tokens,
+                                 scale=run.run_info['data_scale'], sharding=None),
+      dense_threshold=config.sae.dense_threshold)
+  if not config.data.store:  # synthetic data: how much of the true dictionary was found
+    evaluation['recovered_fraction'] = synthetic.recovered_fraction(
+        synthetic.load_true_dictionary(store_path),
+        np.asarray(jax.device_get(state['params']['W_dec'])),
+        threshold=config.data.synthetic.recovered_cosine)
+  return evaluation
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -206,114 +343,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     whether the run was preempted, and where its outputs are.
   """
   os.makedirs(workdir, exist_ok=True)
-  mesh = sharding_lib.make_mesh(config.mesh.shape, config.mesh.axis_names)
-  rules = config.mesh.logical_axis_rules
-  check_batch(config, mesh)
-  manager = ckpt_lib.make_manager(ckpt_lib.checkpoint_dir(workdir),
-                                  keep=config.train.keep_checkpoints)
-  latest = manager.latest_step()
-  run_info = None
-  if latest is not None:
-    _, _, run_info = ckpt_lib.read_metadata(ckpt_lib.checkpoint_dir(workdir), latest)
-    store_path = run_info['store']
-  else:
-    store_path = resolve_store(config, workdir)
-  reader = store_lib.StoreReader(store_path,
-                                 d_model=config.data.d_model if config.data.d_model > 0 else None)
-  d_model = reader.d_model
-  if run_info is None:
-    scale = loader_lib.normalization_scale(reader) if config.data.normalize else 1.0
-    run_info = {'store': store_path, 'd_model': d_model, 'data_scale': float(scale)}
-
-  sae = make_sae(config.sae, d_model)
-  num_steps = config.train.num_steps
-  tx = schedules.make_optimizer(config.optim, num_steps)
-  abstract, shardings = state_lib.state_shardings(sae, tx, config.seed, mesh, rules)
-  data_sharding = sharding_lib.batch_sharding(mesh, rules)
-  batch_size = config.train.batch_size
-  names = metric_names(sae, tx, config, abstract, (batch_size, d_model))
-  config_dict = config.to_dict()
-
-  # ---- initial state: latest checkpoint > init_from > fresh ----------------
-  if latest is not None:
-    state, _, _ = ckpt_lib.restore(manager, latest, abstract, shardings)
-  elif config.train.init_from:
-    source = ckpt_lib.make_manager(config.train.init_from, read_only=True)
-    state, _, _ = ckpt_lib.restore(source, source.latest_step(), abstract, shardings)
-    source.close()
-  else:
-    state = state_lib.create_state(sae, tx, config.seed, shardings)
-    sample = sample_train_rows(reader, config.data.heldout_tokens, 16384, config.seed,
-                               run_info['data_scale'])
-    init_b_dec = jax.jit(sae.init_b_dec, out_shardings=shardings['params'])
-    state['params'] = init_b_dec(state['params'], jnp.asarray(sample))
-  start_step = int(state['step'])
-
-  train_step = jax.jit(make_train_step(sae, tx, config),
-                       in_shardings=(shardings, data_sharding),
-                       out_shardings=(shardings, sharding_lib.replicated(mesh)),
-                       donate_argnums=0)
-  writer = metrics_lib.MetricWriter(workdir)
+  run = open_run(config, workdir)
+  store_path = run.reader.path
   summary = {'workdir': os.path.abspath(workdir), 'store': store_path,
              'metrics': os.path.join(os.path.abspath(workdir), 'metrics.jsonl'),
-             'checkpoints': ckpt_lib.checkpoint_dir(workdir), 'preempted': False}
-  last_metrics = {}
-  logging.info('training %s (%d latents, d_model %d) from step %d to %d on mesh %s',
-               sae.name, sae.n_latents, d_model, start_step, num_steps, dict(mesh.shape))
-
-  loader = loader_lib.Loader(
-      reader, batch_size=batch_size, seed=config.seed, start_step=start_step,
-      scale=run_info['data_scale'], sharding=data_sharding, prefetch=config.data.prefetch,
-      shuffle_window_chunks=config.data.shuffle_window_chunks,
-      heldout_tokens=config.data.heldout_tokens)
-  progress = metrics_lib.Progress(num_steps, start_step, batch_size)
-  wait_time, window_start = 0.0, time.perf_counter()
+             'checkpoints': ckpt_lib.checkpoint_dir(workdir)}
+  writer = metrics_lib.MetricWriter(workdir)
   try:
-    with _Preemption() as preemption, loader:
-      step = start_step
-      batches = iter(loader)
-      while step < num_steps:
-        t0 = time.perf_counter()
-        batch = next(batches)
-        wait_time += time.perf_counter() - t0
-        state, metrics = train_step(state, batch)
-        step += 1
-        if step % config.train.log_every == 0 or step == num_steps:
-          _raise_nonfinite(jax.device_get(state['stats']), names)
-          last_metrics = metrics_lib.to_python(metrics)
-          elapsed = time.perf_counter() - window_start
-          last_metrics['data_wait_fraction'] = wait_time / max(elapsed, 1e-9)
-          last_metrics['tokens_per_second'] = progress.update(step, last_metrics)
-          writer.write(step, last_metrics)
-          wait_time, window_start = 0.0, time.perf_counter()
-        if (step % config.train.checkpoint_every == 0 or step in (num_steps, stop_at)
-            or preemption.requested):
-          _raise_nonfinite(jax.device_get(state['stats']), names)
-          ckpt_lib.save(manager, step, state, config_dict, run_info)
-        if preemption.requested or step == stop_at:
-          summary['preempted'] = preemption.requested
-          summary['stopped_at'] = step
-          break
-    manager.wait_until_finished()
+    state = initial_state(run, config)
+    logs.stage('training a %s SAE of %d latents on %s (d_model %d) from step %d to %d, mesh %s',
+               run.sae.name, run.sae.n_latents, store_path, run.reader.d_model,
+               int(state['step']), config.train.num_steps, dict(run.mesh.shape))
+    state, progress = _train_loop(run, config, state, workdir, writer, stop_at)
+    summary.update(progress, step=int(state['step']))
+    finished = summary['step'] == config.train.num_steps or (
+        stop_at is not None and summary.get('stopped_at') == stop_at)
+    if finished and not summary['preempted'] and config.train.eval_batches > 0:
+      summary['eval'] = _final_evaluation(run, config, state, store_path)
+      writer.write(summary['step'], summary['eval'], prefix='eval')
   finally:
-    progress.close()
-    manager.close()
-
-  summary.update(step=int(state['step']), train=last_metrics)
-  finished = summary['step'] == num_steps or (
-      stop_at is not None and summary.get('stopped_at') == stop_at)
-  if finished and not summary['preempted'] and config.train.eval_batches > 0:
-    evaluation = evals.evaluate_reconstruction(
-        sae, state['params'], state['buffers'],
-        loader_lib.heldout_batches(reader, batch_size, config.train.eval_batches,
-                                   heldout_tokens=config.data.heldout_tokens,
-                                   scale=run_info['data_scale'], sharding=None),
-        dense_threshold=config.sae.dense_threshold)
-    if not config.data.store:  # synthetic data: how much of the true dictionary was found
-      evaluation['recovered_fraction'] = synthetic.recovered_fraction(
-          synthetic.load_true_dictionary(store_path),
-          np.asarray(jax.device_get(state['params']['W_dec'])), threshold=0.9)
-    writer.write(summary['step'], evaluation, prefix='eval')
-    summary['eval'] = evaluation
-  writer.close()
+    writer.close()
+    run.manager.close()
   return summary
+
+
+def summary_text(summary: dict) -> str:
+  """A few lines for a person: where the run is, and its held-out evaluation."""
+  lines = [f"step {summary['step']}" + (' (preempted: run the command again to resume)'
+                                         if summary.get('preempted') else '')]
+  evaluation = summary.get('eval')
+  if evaluation:
+    parts = [f"held-out FVU {evaluation['fvu']:.4f}", f"L0 {evaluation['l0']:.1f}",
+             f"dead {evaluation['dead_fraction']:.3f}", f"dense {evaluation['dense_fraction']:.3f}"]
+    if 'recovered_fraction' in evaluation:
+      parts.append(f"recovered {evaluation['recovered_fraction']:.3f}")
+    lines.append('  ' + '   '.join(parts))
+  lines.append(f"  outputs: {summary['workdir']} (checkpoints/, metrics.jsonl, tensorboard/, "
+               'log.txt)')
+  return '\n'.join(lines)

@@ -21,23 +21,24 @@ results table `DIR/results.jsonl` has one record per (run, evaluation point):
     flops_dense, flops_sparse (by `laws.sae_training_flops`), fvu, mse, l0,
     dead_fraction, dense_fraction, ce_loss_recovered (when the run has one)
 """
-import argparse
 import ast
 import dataclasses
 import itertools
 import json
-import logging
 import os
 import runpy
 import shlex
-import sys
 
 import ml_collections
 
+from dictlearn import cli
 from dictlearn import evals
+from dictlearn import lm
+from dictlearn import logs
 from dictlearn.scaling import laws
 from dictlearn.train import checkpoint as ckpt_lib
 from dictlearn.train import metrics as metrics_lib
+from dictlearn.train.trainer import train_and_evaluate
 
 RESULTS = 'results.jsonl'
 
@@ -52,10 +53,22 @@ class Run:
     return os.path.join(out_dir, self.name)
 
 
+def experiment_path(path: str) -> str:
+  """An experiment file named in a sweep config: as given (from the current
+  directory), else relative to the folder that holds `experiments/`."""
+  if os.path.isabs(path) or os.path.exists(path):
+    return os.path.abspath(path)
+  shipped = os.path.join(os.path.dirname(cli.EXPERIMENTS_DIR), path)
+  if os.path.exists(shipped):
+    return shipped
+  raise FileNotFoundError(f'experiment file {path} does not exist (looked in the current '
+                          f'directory and in {os.path.dirname(cli.EXPERIMENTS_DIR)})')
+
+
 def load_experiment(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """Loads `get_config(arg)` from an experiment file."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'experiment file {path} does not exist')
+  """Loads `get_config(arg)` from an experiment file (see `experiment_path`)."""
+  path = experiment_path(path)
+  cli.make_config_importable(path)
   return runpy.run_path(path)['get_config'](arg or None)
 
 
@@ -89,6 +102,15 @@ def parse_overrides(items) -> dict:
   return out
 
 
+def _absolute_store(overrides: dict) -> dict:
+  """A local `data.store` given relative to the current directory, made absolute, so
+  that every run records where it is whatever directory it later runs from."""
+  store = overrides.get('data.store')
+  if isinstance(store, str) and store and '://' not in store:
+    overrides['data.store'] = os.path.abspath(store)
+  return overrides
+
+
 def _short(tokens: int) -> str:
   for unit, size in (('G', 2**30), ('M', 2**20), ('K', 2**10)):
     if tokens >= size and tokens % size == 0:
@@ -108,7 +130,7 @@ def expand(sweep: ml_collections.ConfigDict) -> list[Run]:
     raise ValueError('a sweep needs at least one n_latents and one tokens value')
   runs = []
   for values in itertools.product(*(vals or (None,) for _, _, vals in axes)):
-    overrides, parts = parse_overrides(sweep.overrides), []
+    overrides, parts = _absolute_store(parse_overrides(sweep.overrides)), []
     for (label, path, _), value in zip(axes, values):
       if value is None:
         continue
@@ -183,13 +205,9 @@ def collect(sweep: ml_collections.ConfigDict, out_dir: str) -> list[dict]:
 
 def run_sweep(sweep: ml_collections.ConfigDict, out_dir: str) -> list[dict]:
   """Trains every run here, in order, evaluating along the way; resumable."""
-  from dictlearn.train.trainer import train_and_evaluate  # heavy import, only to run
   os.makedirs(out_dir, exist_ok=True)
   runs = expand(sweep)
-  lm_model = None
-  if sweep.ce_contexts > 0:
-    from dictlearn import lm
-    lm_model = lm.load_gguf()
+  lm_model = lm.load_gguf() if sweep.ce_contexts > 0 else None
   for i, run in enumerate(runs):
     config = run_config(sweep, run)
     config.unlock()
@@ -201,57 +219,25 @@ def run_sweep(sweep: ml_collections.ConfigDict, out_dir: str) -> list[dict]:
     for step in eval_steps(config.train.num_steps, sweep.eval_fractions):
       if step in done:
         continue
-      logging.info('sweep run %d/%d %s: training to step %d', i + 1, len(runs), run.name, step)
+      logs.stage('sweep run %d/%d %s: training to step %d', i + 1, len(runs), run.name, step)
       train_and_evaluate(config, workdir, stop_at=step)
       if sweep.ce_contexts > 0:  # the model's own loss with the SAE spliced in
         ce = evals.evaluate_checkpoint(workdir, step, eval_batches=0,
                                        ce_contexts=sweep.ce_contexts, lm_model=lm_model)
-        record_ce(workdir, step, ce)
+        evals.record_evaluation(workdir, step, ce)
     collect(sweep, out_dir)
   return collect(sweep, out_dir)
 
 
-def record_ce(workdir: str, step: int, ce: dict) -> None:
-  """Adds CE metrics to the run's held-out evaluation record at `step`."""
-  evaluation = next(r for r in metrics_lib.read_metrics(workdir, 'eval') if r['step'] == step)
-  writer = metrics_lib.MetricWriter(workdir, tensorboard=False)
-  fields = {k: v for k, v in evaluation.items() if k not in ('step', 'split')}
-  writer.write(step, {**fields, **{k: ce[k] for k in ce if k.startswith(('ce_', 'kl_'))}},
-               prefix='eval')
-  writer.close()
-
-
 def commands(sweep: ml_collections.ConfigDict, out_dir: str) -> list[str]:
   """One trainer command per run, for a cluster launcher."""
-  target = sweep.experiment + (f':{sweep.experiment_arg}' if sweep.experiment_arg else '')
+  target = experiment_path(sweep.experiment) + (
+      f':{sweep.experiment_arg}' if sweep.experiment_arg else '')
   out = []
   for run in expand(sweep):
     args = ['python', '-m', 'dictlearn.train', '--config', target,
-            '--workdir', run.workdir(out_dir),
+            '--workdir', os.path.abspath(run.workdir(out_dir)),
             f'--config.train.eval_batches={sweep.eval_batches}']
     args += [f'--config.{k}={v}' for k, v in run.overrides.items()]
     out.append(shlex.join(args))
   return out
-
-
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m dictlearn.scaling.sweep',
-                                   description='Run, print or collect a scaling sweep.')
-  parser.add_argument('action', choices=('run', 'commands', 'collect'))
-  parser.add_argument('--config', required=True, help='sweep config file[:arg]')
-  parser.add_argument('--out', required=True, help='sweep directory')
-  args = parser.parse_args(argv)
-  path, _, arg = args.config.partition(':')
-  sweep = load_experiment(path, arg)
-  if args.action == 'commands':
-    print('\n'.join(commands(sweep, args.out)))
-    return 0
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
-  logging.getLogger('absl').setLevel(logging.ERROR)
-  records = run_sweep(sweep, args.out) if args.action == 'run' else collect(sweep, args.out)
-  print(f'{len(records)} records in {os.path.join(args.out, RESULTS)}')
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())

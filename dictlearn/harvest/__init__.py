@@ -38,6 +38,7 @@ import numpy as np
 import tensorstore as ts
 import tqdm
 
+from dictlearn import logs
 from dictlearn.data import corpus as corpus_lib
 from dictlearn.data import store as store_lib
 from dictlearn.lm import generate as generate_lib
@@ -238,7 +239,7 @@ def _generation_settings(config):
 def _generate_corpus(config, corpus, lm):
   lm_cfg, params, tokenizer = lm
   prompts, s = _generation_settings(config)
-  log.info('generating the corpus\'s model-written part (%d prompts, up to %d tokens each) '
+  logs.stage('generating the corpus\'s model-written part (%d prompts, up to %d tokens each) '
            'into %s', len(prompts), s['max_new_tokens'], corpus.generated_path)
 
   def generate_fn(batch, seed):
@@ -298,8 +299,8 @@ def harvest(config, out_dir, *, model=None):
     _check_same(out_dir, 'config', record.data['config'], _config_identity(config))
     _check_same(out_dir, 'model', record.data['model'], model_info)
     if record.data['complete']:
-      log.info('harvest in %s is already complete', out_dir)
-      return record.data['summary']
+      logs.stage('harvest in %s is already complete', out_dir)
+      return _located(record.data['summary'], out_dir)
 
   lm = _load_model(config, model_path, model)
   lm_cfg, params, tokenizer = lm
@@ -346,7 +347,7 @@ def _run(config, out_dir, corpus, lm, record, outputs):
   committed = min(o.n_committed for o in outputs.values())
   rows, state = record.resume_point(committed)
   if committed:
-    log.info('resuming harvest in %s at row %d (packing from context %d, document %d)',
+    logs.stage('resuming harvest in %s at row %d (packing from context %d, document %d)',
              out_dir, committed, state.context, state.doc)
   contexts = corpus_lib.pack_contexts(corpus, tokenizer.encode_batch, tokenizer.bos_id,
                                       config.context_length, start=state)
@@ -427,38 +428,22 @@ def _finish(config, out_dir, record, outputs, last, exhausted, seconds, start_ro
   if exhausted and config.token_budget > 0:
     log.warning('corpus %r ran out after %d tokens, before token_budget %d', config.corpus,
                 n_tokens, config.token_budget)
-  summary = {'out_dir': out_dir, 'stores': {s: o.path for s, o in outputs.items()},
-             'n_tokens': n_tokens, 'n_contexts': last['contexts'],
-             'documents': last['documents'], 'corpus_exhausted': exhausted,
+  # The record names each store by its site (its folder under OUT), so that the
+  # output directory can move; the caller gets paths (`_located`).
+  summary = {'stores': {s: s for s in outputs}, 'n_tokens': n_tokens,
+             'n_contexts': last['contexts'], 'documents': last['documents'], 'corpus_exhausted': exhausted,
              'context_length': config.context_length, 'exclude_bos': config.exclude_bos,
              'seconds': seconds, 'tokens_per_s': (n_tokens - start_rows) / max(seconds, 1e-9)}
   record.data.update(complete=True, summary=summary, checkpoints=[])
   record.save()
-  log.info('harvest in %s complete: %d tokens per site, %d contexts, %.0f tokens/s', out_dir,
-           n_tokens, summary['n_contexts'], summary['tokens_per_s'])
-  return summary
+  logs.stage('harvest in %s complete: %d tokens per site, %d contexts, %.0f tokens/s', out_dir,
+             n_tokens, summary['n_contexts'], summary['tokens_per_s'])
+  return _located(summary, out_dir)
 
 
-# ---- command line ---------------------------------------------------------------------
-
-
-def main(argv):
-  from absl import app  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.getLogger().setLevel(logging.INFO)
-  summary = harvest(_FLAGS['config'].value, _FLAGS['out'].value)
-  print(json.dumps(summary, indent=2))
-
-
-_FLAGS = {}
-
-if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  _FLAGS['config'] = config_flags.DEFINE_config_file('config', None, 'harvest config file',
-                                                     lock_config=True)
-  _FLAGS['out'] = flags.DEFINE_string('out', None, 'output directory or kvstore URL')
-  flags.mark_flags_as_required(['config', 'out'])
-  app.run(main)
+def _located(summary: dict, out_dir: str) -> dict:
+  """A recorded summary with the output directory and its stores as paths (absolute, or
+  the kvstore URL) for this process."""
+  out_dir = out_dir if '://' in out_dir else os.path.abspath(out_dir)
+  stores = {site: f'{out_dir}/{site}' for site in summary['stores']}
+  return {**summary, 'out_dir': out_dir, 'stores': stores}

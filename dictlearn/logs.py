@@ -1,0 +1,100 @@
+"""Where log records go: the console is for a person, the log file for the record.
+
+Library code logs with `logging` as usual: `logging.getLogger(__name__)` for
+details, and `stage(...)` for the few lines a person running a command wants to
+see (what is starting, where its output goes). `setup` (called by the entry
+points in `dictlearn.cli`) routes them:
+
+    console   stage lines, dictlearn's warnings, anyone's errors (and, with
+              verbose=True, every INFO record with its logger and time)
+    log file  every INFO record (ours, absl's, orbax's, JAX's), with times
+
+so that a run prints one line per stage and its progress bar, and the details
+are still there afterwards in `<workdir>/log.txt`.
+"""
+import logging
+import os
+import sys
+from typing import Optional
+
+STAGE_LOGGER = 'dictlearn.stage'
+LOG_FILE = 'log.txt'
+_FILE_FORMAT = '%(asctime)s %(levelname).1s %(name)s: %(message)s'
+_HANDLER_MARK = '_dictlearn_handler'
+
+
+def stage(message: str, *args) -> None:
+  """A line for the console: what a command is doing now (logged at INFO)."""
+  logging.getLogger(STAGE_LOGGER).info(message, *args)
+
+
+class _ConsoleFilter(logging.Filter):
+  """Stage lines, dictlearn's warnings (and the root logger's) and everyone's errors."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.ERROR:
+      return True
+    if record.name == STAGE_LOGGER:
+      return record.levelno >= logging.INFO
+    return record.levelno >= logging.WARNING and (record.name == 'root'
+                                                  or record.name.startswith('dictlearn'))
+
+
+class _ConsoleFormatter(logging.Formatter):
+
+  def format(self, record: logging.LogRecord) -> str:
+    message = record.getMessage()
+    if record.name == STAGE_LOGGER and record.levelno < logging.WARNING:
+      return message
+    return f'{record.levelname.lower()}: {message}'
+
+
+def _remove_our_handlers(root: logging.Logger) -> None:
+  for handler in list(root.handlers):
+    if getattr(handler, _HANDLER_MARK, False):
+      root.removeHandler(handler)
+      handler.close()
+
+
+def setup(log_dir: Optional[str] = None, *, verbose: bool = False) -> Optional[str]:
+  """Routes log records to the console and to `log_dir/log.txt` (appended).
+
+  Calling it again (a second command in one process, a test) replaces what the
+  previous call installed.
+
+  Args:
+    log_dir: directory of the log file; None (or a URL such as gs://...) for no file.
+    verbose: show every INFO record on the console, as the log file has it.
+
+  Returns:
+    The log file's path, or None.
+  """
+  root = logging.getLogger()
+  _remove_our_handlers(root)
+  # absl's handler (installed by absl.app or absl.logging), and the plain stderr
+  # handler that `logging.basicConfig` adds when a record is logged through the
+  # root logger before this runs, would print every record again: the handlers
+  # below replace them. (Other handlers, such as pytest's capture, stay.)
+  for handler in list(root.handlers):
+    if type(handler).__name__ == 'ABSLHandler' or type(handler) is logging.StreamHandler:
+      root.removeHandler(handler)
+  root.setLevel(logging.INFO)
+
+  console = logging.StreamHandler(sys.stderr)
+  if verbose:
+    console.setFormatter(logging.Formatter(_FILE_FORMAT))
+  else:
+    console.addFilter(_ConsoleFilter())
+    console.setFormatter(_ConsoleFormatter())
+  setattr(console, _HANDLER_MARK, True)
+  root.addHandler(console)
+
+  path = None
+  if log_dir and '://' not in log_dir:
+    os.makedirs(log_dir, exist_ok=True)
+    path = os.path.join(log_dir, LOG_FILE)
+    file_handler = logging.FileHandler(path, encoding='utf-8')
+    file_handler.setFormatter(logging.Formatter(_FILE_FORMAT))
+    setattr(file_handler, _HANDLER_MARK, True)
+    root.addHandler(file_handler)
+  return path
