@@ -193,6 +193,53 @@ def restore_arrays(directory: str, step: int | None = None) -> tuple[int, dict]:
     manager.close()
 
 
+def restore_sae(directory: str, step: int | None, shardings: dict) -> tuple[int, dict, dict]:
+  """Restores only a checkpoint's SAE parameters and buffers, onto `shardings`.
+
+  For readers of a trained SAE (analysis, export): the optimizer state, two to
+  three times the parameters' size, is never read.
+
+  Args:
+    directory: the checkpoint directory (`checkpoint_dir(workdir)`).
+    step: checkpoint step, or None for the latest.
+    shardings: {'params': {name: Sharding}, 'buffers': {name: Sharding}} for
+      the arrays the checkpoint holds (names as `item_metadata` lists them).
+
+  Returns:
+    (step, params, buffers).
+
+  Raises:
+    FileNotFoundError: no checkpoint (at that step) under `directory`.
+    ValueError: `shardings` names other arrays than the checkpoint holds.
+  """
+  handlers = {'state': ocp.PyTreeCheckpointHandler(), 'config': ocp.JsonCheckpointHandler(),
+              'run': ocp.JsonCheckpointHandler()}
+  manager = ocp.CheckpointManager(_abs(directory), item_handlers=handlers,
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    steps = manager.all_steps()
+    step = max(steps, default=None) if step is None else step
+    if step is None or step not in steps:
+      raise FileNotFoundError(f'no checkpoint at step {step} under {directory}; '
+                              f'steps present: {sorted(steps)}')
+    tree = manager.item_metadata(step)['state'].tree
+    for part in ('params', 'buffers'):
+      have, want = set(tree.get(part) or {}), set(shardings[part])
+      if have != want:
+        raise ValueError(f'checkpoint step {step} in {directory}: {part} are {sorted(have)}, '
+                         f'expected {sorted(want)}')
+    target = {part: {name: jax.ShapeDtypeStruct(tree[part][name].shape, tree[part][name].dtype,
+                                                sharding=shardings[part][name])
+                     for name in shardings[part]} for part in ('params', 'buffers')}
+    restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), target)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True)))
+    state = restored['state']
+    return step, state['params'], state.get('buffers') or {}
+  finally:
+    manager.close()
+
+
 def saved_shardings(directory: str, step: int) -> dict:
   """Parameter name -> the sharding it was saved with (mesh shape and partition spec)."""
   manager = make_manager(directory, read_only=True)
