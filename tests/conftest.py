@@ -14,3 +14,10 @@ def smollm2():
   """SmolLM2-135M-Instruct from the cache, loaded once: (cfg, params, tokenizer)."""
   from dictlearn import lm  # after XLA_FLAGS above
   return lm.load_gguf()
+
+
+@pytest.fixture(scope='session')
+def tiny_feature_run(tmp_path_factory):
+  """A tiny TopK SAE trained on a tokenised synthetic store: its workdir."""
+  import features_testlib  # after XLA_FLAGS above
+  return features_testlib.train_run(str(tmp_path_factory.mktemp('feature_run')))

@@ -611,18 +611,16 @@ def main(argv=None):
   parser.add_argument('--tokens', type=int, default=0, help='store rows to read (0: all)')
   parser.add_argument('--step', type=int, default=None, help='checkpoint step (default latest)')
   parser.add_argument('--out', default=None, help='output directory (default WORKDIR/features)')
-  parser.add_argument('--batch_size', type=int, default=0, help="rows per step (0: the run's)")
-  parser.add_argument('--block_size', type=int, default=0, help='latents per block')
-  parser.add_argument('--save_every', type=int, default=0, help='save the state every N batches')
-  parser.add_argument('--save_seconds', type=float, default=300.0, help='and every S seconds')
+  for field in dataclasses.fields(Options):
+    if field.name not in ('tokens', 'progress'):  # Options' docstring says what each does
+      parser.add_argument(f'--{field.name}', type=field.type, default=field.default)
   parser.add_argument('--restart', action='store_true', help='discard an unfinished pass')
   parser.add_argument('--no_progress', action='store_true', help='no progress bars')
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
   logging.getLogger('absl').setLevel(logging.ERROR)
-  options = Options(batch_size=args.batch_size, tokens=args.tokens, block_size=args.block_size,
-                    save_every=args.save_every, save_seconds=args.save_seconds,
-                    progress=not args.no_progress)
+  options = Options(progress=not args.no_progress, **{
+      f.name: getattr(args, f.name) for f in dataclasses.fields(Options) if f.name != 'progress'})
   try:
     out = compute_statistics(args.workdir, store=args.store, step=args.step, out=args.out,
                              options=options, restart=args.restart)
