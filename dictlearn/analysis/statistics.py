@@ -114,7 +114,7 @@ class FeatureStatistics:
     if token_id < 0:
       return ''
     if vocabulary is None or token_id >= len(vocabulary):
-      return f'#{token_id}'
+      return f'<{token_id}>'
     return vocabulary[token_id]
 
   def feature(self, index, *, vocabulary=None):
