@@ -16,11 +16,15 @@ them against it). The latent axis is sharded over the mesh axis `model`: each
 device runs `shard_map`'s body over its own latents in blocks, and TopK merges
 the devices' per-token selections with one all-gather of [B, k].
 
-`update_statistics` folds one batch into the running per-latent state: firing
-count, activation sum, a histogram over fixed log2 bins, the top-N activating
-rows, and a uniform sample of M firing rows by priority sampling (the M rows of
-smallest hash(row, latent) among those where the latent fires: one pass, no
-randomness, the same sample however the pass is cut into batches or resumed).
+`make_update` builds the step that folds one batch into the running per-latent
+state: firing count, activation sum, a histogram over fixed log2 bins, the top-N
+activating rows, and a uniform sample of M firing rows by priority sampling (the
+M rows of smallest hash(row, latent) among those where the latent fires: one
+pass, no randomness, the same sample however the pass is cut into batches or
+resumed). TopK folds its B * k selected entries directly (segment sums, a sort
+by latent, one merge over the state), so, as in the trainer, the encoder's
+selection is the only work over every latent; the threshold architectures fold
+each block's dense activations.
 """
 import functools
 from typing import NamedTuple
@@ -232,6 +236,55 @@ def _update_block(state, acts, valid, first_row, start, size, offset):
   return out
 
 
+def _segment_top(keys, latents, payload, n_local, n):
+  """Each latent's n entries of largest key, from flat entries: ([n_local, n] keys, payloads).
+
+  Entries are sorted by (latent, -key), stably, so equal keys keep their order (lower
+  rows first, as the dense path's top-k over rows does); an entry's rank is its
+  distance from its latent's first entry. Latent n_local collects what to drop.
+  """
+  order = [latents, -keys] + list(payload)
+  latents, neg_keys, *payload = lax.sort(order, num_keys=2, is_stable=True)
+  rank = jnp.arange(latents.shape[0], dtype=jnp.int32) - jnp.searchsorted(
+      latents, latents, side='left').astype(jnp.int32)
+  slot = jnp.where((rank < n) & (latents < n_local), rank, n)  # n: out of bounds, dropped
+  out = [jnp.full((n_local, n), -1.0, jnp.float32).at[latents, slot].set(-neg_keys, mode='drop')]
+  for p, fill in zip(payload, (0, -1)):
+    out.append(jnp.full((n_local, n), fill, p.dtype).at[latents, slot].set(p, mode='drop'))
+  return out
+
+
+def _update_sparse(state, selection, valid, first_row, offset, n_local):
+  """Folds a batch's TopK codes into the state: O(B * k) work plus one merge over the
+  state, never a [B, n_latents] array."""
+  values, latents = selection
+  batch, k = values.shape
+  local = latents - offset
+  mine = (local >= 0) & (local < n_local) & valid[:, None] & (values > 0)
+  local = jnp.where(mine, local, n_local).reshape(-1)
+  values = jnp.where(mine, values, 0.0).reshape(-1)
+  rows = jnp.broadcast_to(first_row + jnp.arange(batch, dtype=jnp.int32)[:, None],
+                          (batch, k)).reshape(-1)
+  segments = lambda v, index, n: jax.ops.segment_sum(v, index, num_segments=n)
+  fired = mine.reshape(-1).astype(jnp.int32)
+  out = dict(state)
+  out['count'] = state['count'] + segments(fired, local, n_local + 1)[:n_local]
+  out['act_sum'] = state['act_sum'] + segments(values, local, n_local + 1)[:n_local]
+  hist = segments(fired, local * HIST_BINS + hist_bin(values), (n_local + 1) * HIST_BINS)
+  out['hist'] = state['hist'] + hist[:n_local * HIST_BINS].reshape(n_local, HIST_BINS)
+  top_n = state['top_values'].shape[1]
+  top = _segment_top(jnp.where(values > 0, values, -1.0), local, (rows,), n_local, top_n)
+  merged = _merge_top((state['top_values'], state['top_rows']), tuple(top), top_n)
+  out['top_values'], out['top_rows'] = merged
+  n_samples = state['sample_scores'].shape[1]
+  scores = jnp.where(values > 0, sample_score(rows, local + offset), -1.0)
+  sample = _segment_top(scores, local, (values, rows), n_local, n_samples)
+  merged = _merge_top((state['sample_scores'], state['sample_values'], state['sample_rows']),
+                      tuple(sample), n_samples)
+  out['sample_scores'], out['sample_values'], out['sample_rows'] = merged
+  return out
+
+
 def make_update(encoder, mesh, block_size):
   """The jitted `update(state, arrays, x, valid, first_row) -> (state, codes)`.
 
@@ -241,7 +294,7 @@ def make_update(encoder, mesh, block_size):
     block_size: latents per block within a device (a divisor of n_latents / shards).
 
   Returns:
-    update: state (sharded like `state_specs`, donated), arrays (`encoder_arrays`,
+    update: state (`init_state`, sharded like `state_specs`, donated), arrays (`encoder_arrays`,
     sharded like `array_specs`), x [B, d] float32 (already scaled like the
     training data), valid [B] bool (padding rows False), first_row int32: the
     store row of x[0]. codes = (values, latents) [B, k] of the TopK selection
@@ -252,11 +305,11 @@ def make_update(encoder, mesh, block_size):
   def local(state, arrays, x, valid, first_row):
     n_shards, offset, block = _local_context(encoder, block_size, n_local)
     x_in = encoder_input(encoder, arrays, x)
-    if encoder.top_k:
+    if encoder.top_k:  # the selection is the only pass over every latent
       selection = _selection(encoder, arrays, x_in, offset, n_shards)
-    else:
-      zeros = jnp.zeros((x.shape[0], 1))
-      selection = (zeros, zeros.astype(jnp.int32))
+      return _update_sparse(state, selection, valid, first_row, offset, n_local), selection
+    zeros = jnp.zeros((x.shape[0], 1))
+    selection = (zeros, zeros.astype(jnp.int32))
 
     def body(i, state):
       start = i * block

@@ -291,6 +291,7 @@ def _run_pass(run, out, mesh, arrays, options, progress, n_rows, batch_size):
                   unit_scale=True, desc='features', file=sys.stderr,
                   disable=not options.progress, dynamic_ncols=True)
   last_save, since_save = time.monotonic(), 0
+  timed_from, timed_rows = None, 0  # throughput after this process's first (compiling) batch
   pending = read(done) if done < n_batches else None
   try:
     for i in range(done, n_batches):
@@ -306,6 +307,11 @@ def _run_pass(run, out, mesh, arrays, options, progress, n_rows, batch_size):
         codes['values'][start:start + n].write(np.asarray(values)[:n]).result()
         codes['latents'][start:start + n].write(np.asarray(latents)[:n]).result()
       bar.update(len(rows))
+      if timed_from is None:
+        jax.block_until_ready(state)
+        timed_from = time.perf_counter()
+      else:
+        timed_rows += len(rows)
       since_save += 1
       progress['batches_done'] = i + 1
       if i + 1 < n_batches and ((options.save_every and since_save >= options.save_every)
@@ -314,6 +320,10 @@ def _run_pass(run, out, mesh, arrays, options, progress, n_rows, batch_size):
         last_save, since_save = time.monotonic(), 0
   finally:
     bar.close()
+  jax.block_until_ready(state)
+  if timed_from is not None:
+    progress['timing'] = {'pass_rows': timed_rows,
+                          'pass_seconds': time.perf_counter() - timed_from}
   return jax.device_get(state)
 
 
@@ -384,12 +394,16 @@ def _context_windows(centres, doc, n_rows, options):
 
 
 def _pair_activations(run, encoder, arrays, codes, rows, latents):
-  """Activation of latent latents[p] at store row rows[p] (rows sorted ascending)."""
-  if encoder.top_k:  # exactly what the pass selected: a lookup in the row's TopK code
-    match = codes['latents'][rows] == latents[:, None]
-    return np.where(match, codes['values'][rows], 0.0).sum(axis=1).astype(np.float32)
-  theta = np.asarray(jax.device_get(arrays['theta']))
+  """Activation of latent latents[p] at store row rows[p] (for the threshold
+  architectures, rows sorted ascending: the store is read in order)."""
   out = np.zeros(len(rows), np.float32)
+  if encoder.top_k:  # exactly what the pass selected: a lookup in the row's TopK code
+    for start in range(0, len(rows), _PAIR_BLOCK):
+      r, l = rows[start:start + _PAIR_BLOCK], latents[start:start + _PAIR_BLOCK]
+      match = codes['latents'][r] == l[:, None]
+      out[start:start + len(r)] = np.where(match, codes['values'][r], 0.0).sum(axis=1)
+    return out
+  theta = np.asarray(jax.device_get(arrays['theta']))
   for start in range(0, len(rows), _PAIR_BLOCK):
     r, l = rows[start:start + _PAIR_BLOCK], latents[start:start + _PAIR_BLOCK]
     lo, hi = int(r[0]), int(r[-1]) + 1
@@ -424,12 +438,13 @@ def _run_contexts(run, out, arrays, stats, options, progress, n_rows):
                          disable=not options.progress):
     stop = min(start + chunk, n)
     window, inside = _context_windows(rows[start:stop], doc, n_rows, options)
-    latent = np.broadcast_to(np.arange(start, stop)[:, None, None], window.shape)
-    order = np.argsort(window[inside], kind='stable')
-    pair_rows, pair_latents = window[inside][order], latent[inside][order]
+    latent = np.broadcast_to(np.arange(start, stop)[:, None, None], window.shape)[inside]
+    pair_rows = window[inside]
+    order = (slice(None) if encoder.top_k  # a lookup: any order; otherwise the store's order
+             else np.argsort(pair_rows, kind='stable'))
+    flat = np.zeros(len(pair_rows), np.float32)
+    flat[order] = _pair_activations(run, encoder, arrays, codes, pair_rows[order], latent[order])
     acts = np.zeros(window.shape, np.float32)
-    flat = np.zeros(len(order), np.float32)
-    flat[order] = _pair_activations(run, encoder, arrays, codes, pair_rows, pair_latents)
     acts[inside] = flat
     # The centre's value exactly as the pass recorded it.
     acts[:, :, options.window_before] = np.where(rows[start:stop] >= 0, values[start:stop], 0)
@@ -574,12 +589,16 @@ def compute_statistics(workdir, *, store=None, step=None, out=None, options=Opti
            for name in ('count', 'top_values', 'top_rows', 'sample_values', 'sample_rows',
                         'sample_bucket')}
   if progress['stage'] == 'contexts':
+    started = time.perf_counter()
     _run_contexts(run, out, arrays, stats, options, progress, n_rows)
+    progress.setdefault('timing', {})['contexts_seconds'] = time.perf_counter() - started
     progress['stage'] = 'logits'
     zarr_io.write_json(os.path.join(out, PROGRESS), progress)
   lm_model = lm_model or load_language_model(run.manifest)
   if lm_model is not None:
+    started = time.perf_counter()
     _run_logits(run, out, params, lm_model, options, progress)
+    progress.setdefault('timing', {})['logits_seconds'] = time.perf_counter() - started
   else:
     log.info('the store %s records no language model (synthetic data): no logit effects',
              run.reader.path)
@@ -593,6 +612,8 @@ def compute_statistics(workdir, *, store=None, step=None, out=None, options=Opti
       'n_tokens': n_rows, 'batch_size': batch_size, 'options': dataclasses.asdict(options),
       'hist_edges': [float(e) for e in encoding.hist_edges()],
       'has_logits': lm_model is not None, 'bos_id': (manifest.get('extra') or {}).get('bos_id'),
+      # Seconds of this process's stages (the pass's after its first, compiling, batch).
+      'timing': progress.get('timing', {}),
   }
   zarr_io.write_json(os.path.join(out, RESULT), result)
   os.remove(os.path.join(out, PROGRESS))
