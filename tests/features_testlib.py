@@ -1,7 +1,6 @@
 """A tiny trained SAE on a tokenised synthetic store, for the analysis tests."""
 import os
 
-import ml_collections
 import numpy as np
 
 from dictlearn.data import store as store_lib

@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import features_testlib
 from dictlearn import lm
 from dictlearn.analysis import explain
 from dictlearn.analysis import features

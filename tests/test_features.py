@@ -18,6 +18,7 @@ import pytest
 import features_testlib
 from dictlearn.analysis import encoding
 from dictlearn.analysis import features
+from dictlearn.analysis import logits
 from dictlearn.analysis import statistics
 from dictlearn.data import store as store_lib
 from dictlearn.sae import make_sae
@@ -95,10 +96,15 @@ def _dense_reference(workdir):
   return np.asarray(run.sae.encode(state['params'], state['buffers'], jnp.asarray(x)))
 
 
-def test_pass_matches_dense_reference_and_contexts(tiny_feature_run, tmp_path):
-  out = features.compute_statistics(tiny_feature_run, out=str(tmp_path / 'f'), options=_OPTIONS)
+@pytest.mark.parametrize('architecture', ['topk', 'relu_l1'])
+def test_pass_matches_dense_reference_and_contexts(architecture, tiny_feature_run, tmp_path):
+  """TopK (sparse folding, contexts from its codes) and a threshold architecture (dense
+  blocks, contexts recomputed pairwise from the store) against the dense code."""
+  workdir = (tiny_feature_run if architecture == 'topk' else
+             features_testlib.train_run(str(tmp_path), architecture, num_steps=2))
+  out = features.compute_statistics(workdir, out=str(tmp_path / 'f'), options=_OPTIONS)
   stats = features.load_statistics(out)
-  dense = _dense_reference(tiny_feature_run)
+  dense = _dense_reference(workdir)
   n_rows = dense.shape[0]
   assert stats.n_latents == 128 and stats.site == 'blocks.0.hook_resid_post'
   assert stats.model == 'tiny-model' and stats.n_tokens == n_rows
@@ -142,13 +148,13 @@ def test_logit_effects_match_numpy():
   lm_params = {'embed': rng.standard_normal((50, 8)).astype(np.float32),
                'final_norm': rng.uniform(0.5, 2, 8).astype(np.float32)}
   w_dec = rng.standard_normal((5, 8)).astype(np.float32)
-  out = features.logit_effects(w_dec, cfg, lm_params, 3, data_scale=2.0)
+  out = logits.logit_effects(w_dec, cfg, lm_params, 3, data_scale=2.0)
   effect = (w_dec / 2.0 * lm_params['final_norm']) @ lm_params['embed'].T
   np.testing.assert_array_equal(out['promoted_ids'], np.argsort(-effect, 1)[:, :3])
   np.testing.assert_array_equal(out['suppressed_ids'], np.argsort(effect, 1)[:, :3])
   np.testing.assert_allclose(out['suppressed_values'], np.sort(effect, 1)[:, :3], rtol=1e-5)
   with pytest.raises(ValueError, match='d_model=4'):
-    features.logit_effects(w_dec[:, :4], cfg, lm_params, 3)
+    logits.logit_effects(w_dec[:, :4], cfg, lm_params, 3)
 
 
 def _arrays(out):

@@ -39,16 +39,17 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
 
 from dictlearn import sharding as sharding_lib
+from dictlearn.analysis import contexts as contexts_lib
 from dictlearn.analysis import encoding
+from dictlearn.analysis import logits as logits_lib
 from dictlearn.analysis import zarr_io
 # The reading side, re-exported: the public contract other analyses code against.
-from dictlearn.analysis.statistics import FeatureStatistics  # pylint: disable=unused-import
+from dictlearn.analysis.statistics import FeatureStatistics  # noqa: F401  pylint: disable=unused-import
 from dictlearn.analysis.statistics import load_statistics
 from dictlearn.data import store as store_lib
 from dictlearn.sae import make_sae
@@ -61,9 +62,6 @@ VERSION = 1
 RESULT = 'features.json'
 PROGRESS = 'progress.json'
 _RULES = (('batch', 'data'), ('latent', 'model'), ('embed', None))
-_CONTEXT_PAIRS = 1 << 24   # (row, latent) pairs of one contexts chunk
-_PAIR_BLOCK = 1 << 15      # pairs per call of the pairwise encoder
-_LOGIT_BLOCK = 1024        # latents per unembedding matmul
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,183 +355,6 @@ def _quantile_buckets(values, rows, quantiles):
 
 
 # ---------------------------------------------------------------------------
-# Stage 2: contexts
-# ---------------------------------------------------------------------------
-
-
-def choose_contexts(stats, options):
-  """(rows, kind, values) [n, E]: the top rows, then samples from each quantile bucket."""
-  n = len(stats['count'])
-  rows = np.full((n, options.n_contexts), -1, np.int32)
-  kind = np.full((n, options.n_contexts), -1, np.int8)
-  values = np.zeros((n, options.n_contexts), np.float32)
-  top = min(options.contexts_top, stats['top_rows'].shape[1])
-  rows[:, :top] = stats['top_rows'][:, :top]
-  values[:, :top] = stats['top_values'][:, :top]
-  kind[:, :top] = np.where(rows[:, :top] >= 0, 0, -1)
-  per = options.contexts_per_quantile
-  for q in range(1, options.quantiles + 1):
-    mask = stats['sample_bucket'] == q  # samples in priority order: a uniform pick
-    rank = np.cumsum(mask, axis=1) - 1
-    latent, j = np.nonzero(mask & (rank < per))
-    slot = options.contexts_top + (q - 1) * per + rank[latent, j]
-    rows[latent, slot] = stats['sample_rows'][latent, j]
-    values[latent, slot] = stats['sample_values'][latent, j]
-    kind[latent, slot] = q
-  return rows, kind, values
-
-
-def _context_windows(centres, doc, n_rows, options):
-  """Window rows [.., W] around `centres`, and where they are in the centre's document."""
-  offsets = np.arange(-options.window_before, options.window_after + 1)
-  rows = centres[..., None].astype(np.int64) + offsets
-  inside = (centres[..., None] >= 0) & (rows >= 0) & (rows < n_rows)
-  safe = np.clip(rows, 0, n_rows - 1)
-  inside &= doc[safe] == doc[np.clip(centres, 0, n_rows - 1)][..., None]
-  return safe, inside
-
-
-def _pair_activations(run, encoder, arrays, codes, rows, latents):
-  """Activation of latent latents[p] at store row rows[p] (for the threshold
-  architectures, rows sorted ascending: the store is read in order)."""
-  out = np.zeros(len(rows), np.float32)
-  if encoder.top_k:  # exactly what the pass selected: a lookup in the row's TopK code
-    for start in range(0, len(rows), _PAIR_BLOCK):
-      r, l = rows[start:start + _PAIR_BLOCK], latents[start:start + _PAIR_BLOCK]
-      match = codes['latents'][r] == l[:, None]
-      out[start:start + len(r)] = np.where(match, codes['values'][r], 0.0).sum(axis=1)
-    return out
-  theta = np.asarray(jax.device_get(arrays['theta']))
-  for start in range(0, len(rows), _PAIR_BLOCK):
-    r, l = rows[start:start + _PAIR_BLOCK], latents[start:start + _PAIR_BLOCK]
-    lo, hi = int(r[0]), int(r[-1]) + 1
-    x = np.asarray(run.reader.read_rows(lo, hi), np.float32)[r - lo] * np.float32(run.data_scale)
-    pad = _PAIR_BLOCK - len(r)
-    pre = np.asarray(encoding.pair_preactivations(
-        encoder, arrays, np.pad(x, ((0, pad), (0, 0))), np.pad(l, (0, pad))))[:len(r)]
-    out[start:start + len(r)] = np.where(pre > theta[l], pre, 0.0)
-  return out
-
-
-def _run_contexts(run, out, arrays, stats, options, progress, n_rows):
-  encoder = encoding.make_encoder(run.sae)
-  n = encoder.n_latents
-  rows, kind, values = choose_contexts(stats, options)
-  if progress['contexts_done'] == 0:
-    zarr_io.write(os.path.join(out, 'contexts', 'rows'), rows)
-    zarr_io.write(os.path.join(out, 'contexts', 'kind'), kind)
-    zarr_io.write(os.path.join(out, 'contexts', 'values'), values)
-    shape = (n, options.n_contexts, options.window)
-    zarr_io.create(os.path.join(out, 'contexts', 'tokens'), shape, np.int32, 256, -1)
-    zarr_io.create(os.path.join(out, 'contexts', 'acts'), shape, np.float32, 256)
-  tokens_out = zarr_io.open_array(os.path.join(out, 'contexts', 'tokens'))
-  acts_out = zarr_io.open_array(os.path.join(out, 'contexts', 'acts'))
-  tokens = np.asarray(run.reader.read_tokens(0, n_rows))
-  doc = np.asarray(run.reader.read_doc(0, n_rows))
-  codes = ({name: zarr_io.read(os.path.join(out, 'codes', name))
-            for name in ('values', 'latents')} if encoder.top_k else None)
-  chunk = max(1, _CONTEXT_PAIRS // (options.n_contexts * options.window))
-  starts = range(progress['contexts_done'], n, chunk)
-  for start in tqdm.tqdm(starts, desc='contexts', unit='chunk', file=sys.stderr,
-                         disable=not options.progress):
-    stop = min(start + chunk, n)
-    window, inside = _context_windows(rows[start:stop], doc, n_rows, options)
-    latent = np.broadcast_to(np.arange(start, stop)[:, None, None], window.shape)[inside]
-    pair_rows = window[inside]
-    order = (slice(None) if encoder.top_k  # a lookup: any order; otherwise the store's order
-             else np.argsort(pair_rows, kind='stable'))
-    flat = np.zeros(len(pair_rows), np.float32)
-    flat[order] = _pair_activations(run, encoder, arrays, codes, pair_rows[order], latent[order])
-    acts = np.zeros(window.shape, np.float32)
-    acts[inside] = flat
-    # The centre's value exactly as the pass recorded it.
-    acts[:, :, options.window_before] = np.where(rows[start:stop] >= 0, values[start:stop], 0)
-    tokens_out[start:stop].write(np.where(inside, tokens[window], -1).astype(np.int32)).result()
-    acts_out[start:stop].write(np.where(inside, acts, np.nan).astype(np.float32)).result()
-    progress['contexts_done'] = stop
-    zarr_io.write_json(os.path.join(out, PROGRESS), progress)
-
-
-# ---------------------------------------------------------------------------
-# Stage 3: logit effects
-# ---------------------------------------------------------------------------
-
-
-@jax.jit
-def _logit_block(w_dec, final_norm, unembed):
-  """Logit effects [L, vocab] of decoder rows w_dec [L, d]; unembed is [vocab, d]."""
-  return jnp.dot(w_dec * final_norm, unembed.T, preferred_element_type=jnp.float32)
-
-
-def logit_effects(w_dec, lm_cfg, lm_params, n_logits, *, data_scale=1.0, progress=False,
-                  on_block=None, start=0):
-  """Top promoted and suppressed tokens of each decoder direction.
-
-  The effect of latent l on the logits, per unit of activation, ignoring the final
-  norm's division by the residual's RMS: (W_dec[l] / data_scale) * final_norm @ W_U.
-
-  Args:
-    w_dec: [n, d] decoder rows (numpy or jax).
-    lm_cfg, lm_params: the language model (`dictlearn.lm`).
-    n_logits: tokens kept each way.
-    data_scale: the run's input scale (W_dec lives in scaled units).
-    progress: show a tqdm bar.
-    on_block: optional callback(start, stop, result) after each block; when given,
-      nothing is accumulated and None is returned.
-    start: first latent (resume).
-
-  Returns:
-    {'promoted_ids', 'promoted_values', 'suppressed_ids', 'suppressed_values'},
-    each [n, n_logits].
-  """
-  unembed = (lm_params['embed'] if lm_cfg.tie_embeddings else lm_params['unembed'].T)
-  unembed = jnp.asarray(unembed, jnp.float32)
-  final_norm = jnp.asarray(lm_params['final_norm'], jnp.float32)
-  if w_dec.shape[1] != unembed.shape[1]:
-    raise ValueError(f'decoder rows have d_model={w_dec.shape[1]}; the language model has '
-                     f'd_model={unembed.shape[1]}')
-  n = w_dec.shape[0]
-  parts = []
-  for lo in tqdm.tqdm(range(start, n, _LOGIT_BLOCK), desc='logits', unit='block',
-                      file=sys.stderr, disable=not progress):
-    hi = min(lo + _LOGIT_BLOCK, n)
-    effect = _logit_block(jnp.asarray(w_dec[lo:hi], jnp.float32) / data_scale, final_norm,
-                          unembed)
-    top_v, top_i = jax.lax.top_k(effect, n_logits)
-    bottom_v, bottom_i = jax.lax.top_k(-effect, n_logits)
-    block = {'promoted_ids': np.asarray(top_i), 'promoted_values': np.asarray(top_v),
-             'suppressed_ids': np.asarray(bottom_i), 'suppressed_values': -np.asarray(bottom_v)}
-    if on_block is not None:
-      on_block(lo, hi, block)
-    else:
-      parts.append(block)
-  if on_block is not None:
-    return None
-  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else None
-
-
-def _run_logits(run, out, params, lm_model, options, progress):
-  lm_cfg, lm_params, _ = lm_model
-  n = run.sae.n_latents
-  names = ('promoted_ids', 'promoted_values', 'suppressed_ids', 'suppressed_values')
-  if progress['logits_done'] == 0:
-    for name in names:
-      zarr_io.create(os.path.join(out, 'logits', name), (n, options.n_logits),
-                     np.int32 if name.endswith('ids') else np.float32, 4096)
-  arrays = {name: zarr_io.open_array(os.path.join(out, 'logits', name)) for name in names}
-
-  def on_block(lo, hi, block):
-    for name in names:
-      arrays[name][lo:hi].write(block[name]).result()
-    progress['logits_done'] = hi
-    zarr_io.write_json(os.path.join(out, PROGRESS), progress)
-
-  w_dec = np.asarray(jax.device_get(params['W_dec']))
-  logit_effects(w_dec, lm_cfg, lm_params, options.n_logits, data_scale=run.data_scale,
-                progress=options.progress, on_block=on_block, start=progress['logits_done'])
-
-
-# ---------------------------------------------------------------------------
 # The whole computation
 # ---------------------------------------------------------------------------
 
@@ -575,6 +396,7 @@ def compute_statistics(workdir, *, store=None, step=None, out=None, options=Opti
     progress = {'identity': identity, 'stage': 'pass', 'batches_done': 0,
                 'contexts_done': 0, 'logits_done': 0}
     zarr_io.write_json(os.path.join(out, PROGRESS), progress)
+  save = lambda: zarr_io.write_json(os.path.join(out, PROGRESS), progress)
   mesh = encoding.latent_mesh() if mesh is None else mesh
   params, buffers = restore_params(run, mesh)
   encoder = encoding.make_encoder(run.sae)
@@ -590,14 +412,14 @@ def compute_statistics(workdir, *, store=None, step=None, out=None, options=Opti
                         'sample_bucket')}
   if progress['stage'] == 'contexts':
     started = time.perf_counter()
-    _run_contexts(run, out, arrays, stats, options, progress, n_rows)
+    contexts_lib.run_contexts(run, out, arrays, stats, options, progress, save, n_rows)
     progress.setdefault('timing', {})['contexts_seconds'] = time.perf_counter() - started
     progress['stage'] = 'logits'
     zarr_io.write_json(os.path.join(out, PROGRESS), progress)
   lm_model = lm_model or load_language_model(run.manifest)
   if lm_model is not None:
     started = time.perf_counter()
-    _run_logits(run, out, params, lm_model, options, progress)
+    logits_lib.run_logits(run, out, params, lm_model, options, progress, save)
     progress.setdefault('timing', {})['logits_seconds'] = time.perf_counter() - started
   else:
     log.info('the store %s records no language model (synthetic data): no logit effects',
