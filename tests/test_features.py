@@ -245,8 +245,12 @@ def test_bad_input(tiny_feature_run, tmp_path):
 
 
 def test_feature_index_out_of_range(tiny_feature_run, tmp_path):
-  stats = features.load_statistics(features.compute_statistics(
-      tiny_feature_run, out=str(tmp_path / 'f'), options=_OPTIONS))
+  out = features.compute_statistics(tiny_feature_run, out=str(tmp_path / 'f'), options=_OPTIONS)
+  written = os.path.getmtime(os.path.join(out, features.RESULT))
+  # The same command again: complete for these settings, nothing recomputed.
+  assert features.compute_statistics(tiny_feature_run, out=out, options=_OPTIONS) == out
+  assert os.path.getmtime(os.path.join(out, features.RESULT)) == written
+  stats = features.load_statistics(out)
   for bad in (128, -1, 2.5, 'x'):
     with pytest.raises(statistics.FeatureIndexError, match='128 features|not an integer'):
       stats.feature(bad)

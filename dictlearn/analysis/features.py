@@ -228,9 +228,11 @@ def features_dir(workdir):
 def _identity(run, options, n_rows, batch_size):
   return {'format': FORMAT, 'version': VERSION, 'checkpoint_step': run.step,
           'store': run.reader.path, 'n_rows': n_rows, 'batch_size': batch_size,
-          'top_n': options.top_n, 'n_samples': options.n_samples,
           'hist_bins': encoding.HIST_BINS, 'architecture': run.sae.name,
-          'n_latents': run.sae.n_latents}
+          'n_latents': run.sae.n_latents,
+          **{k: v for k, v in dataclasses.asdict(options).items()
+             if k not in ('batch_size', 'tokens', 'block_size', 'save_every', 'save_seconds',
+                          'progress')}}
 
 
 def _load_progress(out, identity):
@@ -391,7 +393,11 @@ def compute_statistics(workdir, *, store=None, step=None, out=None, options=Opti
     os.remove(os.path.join(out, PROGRESS))
   progress = _load_progress(out, identity)
   if progress is None:
-    if os.path.exists(os.path.join(out, RESULT)):
+    finished = zarr_io.read_json(os.path.join(out, RESULT))
+    if finished is not None and finished.get('identity') == identity and not restart:
+      log.info('feature statistics in %s are complete for these settings', out)
+      return out
+    if finished is not None:
       os.remove(os.path.join(out, RESULT))  # a new pass replaces finished results
     progress = {'identity': identity, 'stage': 'pass', 'batches_done': 0,
                 'contexts_done': 0, 'logits_done': 0}
@@ -436,6 +442,7 @@ def compute_statistics(workdir, *, store=None, step=None, out=None, options=Opti
       'has_logits': lm_model is not None, 'bos_id': (manifest.get('extra') or {}).get('bos_id'),
       # Seconds of this process's stages (the pass's after its first, compiling, batch).
       'timing': progress.get('timing', {}),
+      'identity': identity,  # a rerun with the same settings returns at once
   }
   zarr_io.write_json(os.path.join(out, RESULT), result)
   os.remove(os.path.join(out, PROGRESS))
