@@ -16,7 +16,9 @@
    batch, the contexts stage's seconds, and the subprocess's peak resident memory.
 3. Runs the trainer's step at the same shape (TopK, --n_latents, --batch, --k,
    --block; `tools/bench_memory.py`'s step child) and reports its tokens/s and peak
-   resident memory.
+   resident memory, when the machine has --train_min_gib of memory available (the
+   step at 2^20 latents peaks near 21 GiB; on a shared machine it would push other
+   processes out), otherwise says that it skipped it.
 
 Check free disk first (`df -h`): the store takes --store_tokens * 576 * 4 bytes and the
 SAE 2 * n_latents * 576 * 4 bytes. Prints figures; not a test.
@@ -109,6 +111,15 @@ def run_child(args):
   return json.loads(lines[-1])
 
 
+def available_gib():
+  """MemAvailable of /proc/meminfo, GiB."""
+  with open('/proc/meminfo', encoding='utf-8') as f:
+    for line in f:
+      if line.startswith('MemAvailable:'):
+        return int(line.split()[1]) * 1024 / GIB
+  return 0.0
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--dir', default='/work/bench_features', help='store and run directory')
@@ -118,7 +129,9 @@ def main(argv=None):
   p.add_argument('--batch', type=int, default=4096)
   p.add_argument('--k', type=int, default=32)
   p.add_argument('--block', type=int, default=16384)
-  p.add_argument('--train_steps', type=int, default=3)
+  p.add_argument('--train_steps', type=int, default=3, help='0 skips the trainer step')
+  p.add_argument('--train_min_gib', type=float, default=22.0,
+                 help='memory that must be available to run the trainer step')
   p.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.child:
@@ -137,6 +150,12 @@ def main(argv=None):
         f'{rate:,.0f} tokens/s over {stats["pass_rows"]:,} rows after the first batch; '
         f'contexts stage {stats.get("contexts_seconds", 0):.1f} s; '
         f'peak resident memory {stats["peak_rss_gib"]:.2f} GiB')
+  available = available_gib()
+  if not args.train_steps or available < args.train_min_gib:
+    print(f'train step at the same shape: skipped ({available:.1f} GiB available, '
+          f'--train_min_gib {args.train_min_gib}); BUILD_NOTES.md has its figures')
+    print(f'load average: {open("/proc/loadavg").read().strip()}')
+    return 0
   import bench_memory
   steps = bench_memory.child('steps', _memory_args(args))
   step_s = min(steps['step_s'][1:] or steps['step_s'])
