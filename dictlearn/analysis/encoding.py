@@ -285,6 +285,7 @@ def _update_sparse(state, selection, valid, first_row, offset, n_local):
   return out
 
 
+@functools.lru_cache(maxsize=8)  # one compilation per (SAE shape, mesh, block) in a process
 def make_update(encoder, mesh, block_size):
   """The jitted `update(state, arrays, x, valid, first_row) -> (state, codes)`.
 
