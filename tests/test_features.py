@@ -223,7 +223,7 @@ def test_bad_input(tiny_feature_run, tmp_path):
   shutil.move(os.path.join(os.path.dirname(tiny_feature_run), 'store'),
               str(tmp_path / 'moved'))
   try:
-    with pytest.raises(FileNotFoundError, match=r'no activation store at .*store.*--store PATH'):
+    with pytest.raises(FileNotFoundError, match=r'store of the run .* is gone.*--store PATH'):
       features.open_run(workdir)
     features.open_run(workdir, store=str(tmp_path / 'moved'))  # the same store, moved: fine
   finally:

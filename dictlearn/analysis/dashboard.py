@@ -20,7 +20,6 @@ A million features make about 5,000 files of a few MB at most; the browser loads
 the meta, one order shard per page and one feature shard per feature viewed.
 """
 import json
-import logging
 import os
 import shutil
 import sys
@@ -29,9 +28,9 @@ import webbrowser
 import numpy as np
 import tqdm
 
+from dictlearn import cli
+from dictlearn import logs
 from dictlearn.analysis import statistics as stats_lib
-
-log = logging.getLogger(__name__)
 
 ASSETS = os.path.join(os.path.dirname(__file__), 'dashboard_assets')
 FEATURE_SHARD = 256
@@ -197,7 +196,7 @@ def build_dashboard(source, out, *, progress=True):
   if not os.path.exists(os.path.join(data, 'explains.js')):
     write_script(os.path.join(data, 'explains.js'), 'explains', [], variable='explains')
   index = os.path.join(os.path.abspath(out), 'index.html')
-  log.info('dashboard of %d features: %s', n, index)
+  logs.stage('dashboard of %d features: %s', n, index)
   return index
 
 
@@ -214,26 +213,27 @@ def add_explain_link(out, href, title):
   write_script(path, 'explains', links, variable='explains')
 
 
-def main(argv=None):
-  """python -m dictlearn.analysis.dashboard --workdir DIR --out SITE [--open]"""
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(prog='python -m dictlearn.analysis.dashboard',
-                                   description='Static feature dashboard (opens from file://).')
+def _parser():
+  parser = cli.ArgumentParser(prog='python -m dictlearn.analysis.dashboard', description=__doc__)
   parser.add_argument('--workdir', required=True,
-                      help='training run directory (or its features/ directory)')
+                      help="training run directory, a pipeline's directory, or a features/ "
+                           'directory')
   parser.add_argument('--out', required=True, help='site directory to write')
   parser.add_argument('--open', action='store_true', help='open index.html in a browser')
-  args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
-  try:
-    index = build_dashboard(args.workdir, args.out)
-  except FileNotFoundError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+  return parser
+
+
+def _main(args):
+  index = build_dashboard(args.workdir, args.out)
   print(f'file://{index}')
   if args.open:
     webbrowser.open(f'file://{index}')
   return 0
+
+
+def main(argv=None):
+  """python -m dictlearn.analysis.dashboard --workdir DIR --out SITE [--open]"""
+  return cli.run_tool(_main, _parser(), argv)
 
 
 if __name__ == '__main__':

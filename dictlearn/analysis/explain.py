@@ -21,6 +21,8 @@ import sys
 import jax
 import numpy as np
 
+from dictlearn import cli
+from dictlearn import lm
 from dictlearn.analysis import dashboard
 from dictlearn.analysis import encoding
 from dictlearn.analysis import features
@@ -92,7 +94,6 @@ class Explainer:
     Raises:
       ValueError: no tokens, or more than the model's context length.
     """
-    from dictlearn import lm  # pylint: disable=g-import-not-at-top
     tokens = np.asarray(tokens, np.int32)
     if tokens.ndim != 1 or not 1 <= len(tokens) <= self.lm_cfg.context_length:
       raise ValueError(f'expected 1 to {self.lm_cfg.context_length} token ids, got shape '
@@ -180,27 +181,27 @@ def write_html(explanation, site, title):
   return path
 
 
-def main(argv=None):
-  """python -m dictlearn.analysis.explain --workdir DIR --text "..." [--top N] [--html SITE]"""
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(prog='python -m dictlearn.analysis.explain',
-                                   description='The features that fire on each token of a prompt.')
-  parser.add_argument('--workdir', required=True, help='training run directory')
+def _parser():
+  parser = cli.ArgumentParser(prog='python -m dictlearn.analysis.explain', description=__doc__)
+  parser.add_argument('--workdir', required=True,
+                      help="training run directory (or a pipeline's directory: its run is sae/)")
   parser.add_argument('--text', required=True, help='the prompt')
   parser.add_argument('--top', type=int, default=5, help='features per token')
   parser.add_argument('--html', default=None, help='dashboard site to add the page to')
-  args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
-  logging.getLogger('absl').setLevel(logging.ERROR)  # orbax's read-only notices
-  try:
-    explanation = Explainer(args.workdir).explain(args.text, args.top)
-  except (FileNotFoundError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+  return parser
+
+
+def _main(args):
+  explanation = Explainer(args.workdir).explain(args.text, args.top)
   print(format_text(explanation, args.top))
   if args.html:
     print(f'file://{os.path.abspath(write_html(explanation, args.html, args.text[:60]))}')
   return 0
+
+
+def main(argv=None):
+  """python -m dictlearn.analysis.explain --workdir DIR --text "..." [--top N] [--html SITE]"""
+  return cli.run_tool(_main, _parser(), argv)
 
 
 if __name__ == '__main__':

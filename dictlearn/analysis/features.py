@@ -43,6 +43,10 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from dictlearn import cli
+from dictlearn import harvest
+from dictlearn import lm
+from dictlearn import logs
 from dictlearn import sharding as sharding_lib
 from dictlearn.analysis import contexts as contexts_lib
 from dictlearn.analysis import encoding
@@ -170,14 +174,23 @@ def open_run(workdir, *, store=None, step=None):
     FileNotFoundError: no checkpoint, or no store where the run says.
     ValueError: `store` is of another site, model or width than the SAE's.
   """
+  workdir = ckpt_lib.run_directory(workdir)
   step, config, run_info = ckpt_lib.read_metadata(ckpt_lib.checkpoint_dir(workdir), step)
   config = ml_collections.ConfigDict(config)
-  trained_store = run_info['store']
   if store is None:
+    try:
+      trained_store = ckpt_lib.recorded_store(run_info, workdir)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f'{e}; or pass --store PATH: the same store where it is now') from e
     reader = _open_store(trained_store, f'checkpoint step {step} of {workdir}')
   else:
     reader = _open_store(store, '--store')
-    trained_manifest, _ = store_lib.read_status(trained_store)
+    trained_store = run_info['store']
+    try:
+      trained_store = ckpt_lib.recorded_store(run_info, workdir)
+      trained_manifest, _ = store_lib.read_status(trained_store)
+    except FileNotFoundError:
+      trained_manifest = None
     check_store_matches(reader.manifest, trained_manifest, run_info['d_model'], store,
                         trained_store)
   if reader.d_model != run_info['d_model']:
@@ -202,7 +215,6 @@ def language_model_path(manifest):
   extra = (manifest or {}).get('extra') or {}
   if 'harvest' not in extra:
     return None
-  from dictlearn import harvest  # pylint: disable=g-import-not-at-top
   return harvest.resolve_model_path(extra['harvest']['model'])
 
 
@@ -211,7 +223,6 @@ def load_language_model(manifest, with_tokenizer=True):
   path = language_model_path(manifest)
   if path is None:
     return None
-  from dictlearn import lm  # pylint: disable=g-import-not-at-top
   return lm.load_gguf(path, with_tokenizer=with_tokenizer)
 
 
@@ -270,7 +281,7 @@ def _run_pass(run, out, mesh, arrays, options, progress, n_rows, batch_size):
   done = progress['batches_done']
   if 'slot' in progress:
     state = _load_state(out, progress)
-    log.info('statistics pass in %s resumes after batch %d of %d', out, done, n_batches)
+    logs.stage('statistics pass in %s resumes after batch %d of %d', out, done, n_batches)
   else:
     state = encoding.init_state(encoder.n_latents, options.top_n, options.n_samples)
   state = encoding.place(mesh, state, encoding.state_specs())
@@ -381,7 +392,7 @@ def compute_statistics(workdir, *, store=None, step=None, out=None, options=Opti
       unfinished pass with other settings (and not `restart`).
   """
   run = open_run(workdir, store=store, step=step)
-  out = features_dir(workdir) if out is None else os.path.abspath(out)
+  out = features_dir(run.workdir) if out is None else os.path.abspath(out)
   n_rows = run.reader.n_rows if options.tokens <= 0 else min(options.tokens, run.reader.n_rows)
   batch_size = options.batch_size or run.config.train.batch_size
   if n_rows <= 0 or batch_size <= 0:
@@ -395,7 +406,7 @@ def compute_statistics(workdir, *, store=None, step=None, out=None, options=Opti
   if progress is None:
     finished = zarr_io.read_json(os.path.join(out, RESULT))
     if finished is not None and finished.get('identity') == identity and not restart:
-      log.info('feature statistics in %s are complete for these settings', out)
+      logs.stage('feature statistics in %s are complete for these settings', out)
       return out
     if finished is not None:
       os.remove(os.path.join(out, RESULT))  # a new pass replaces finished results
@@ -409,6 +420,8 @@ def compute_statistics(workdir, *, store=None, step=None, out=None, options=Opti
   arrays = encoding.place(mesh, encoding.encoder_arrays(encoder, params, buffers),
                           encoding.array_specs())
   if progress['stage'] == 'pass':
+    logs.stage('statistics pass: %d %s latents over %d tokens of %s -> %s', run.sae.n_latents,
+               run.sae.name, n_rows, run.reader.path, out)
     state = _run_pass(run, out, mesh, arrays, options, progress, n_rows, batch_size)
     _finish_statistics(out, state, options, n_rows)
     progress['stage'] = 'contexts'
@@ -417,6 +430,7 @@ def compute_statistics(workdir, *, store=None, step=None, out=None, options=Opti
            for name in ('count', 'top_values', 'top_rows', 'sample_values', 'sample_rows',
                         'sample_bucket')}
   if progress['stage'] == 'contexts':
+    logs.stage('contexts of %d features from the store', run.sae.n_latents)
     started = time.perf_counter()
     contexts_lib.run_contexts(run, out, arrays, stats, options, progress, save, n_rows)
     progress.setdefault('timing', {})['contexts_seconds'] = time.perf_counter() - started
@@ -424,6 +438,7 @@ def compute_statistics(workdir, *, store=None, step=None, out=None, options=Opti
     zarr_io.write_json(os.path.join(out, PROGRESS), progress)
   lm_model = lm_model or load_language_model(run.manifest)
   if lm_model is not None:
+    logs.stage('logit effects through %s', language_model_path(run.manifest))
     started = time.perf_counter()
     logits_lib.run_logits(run, out, params, lm_model, options, progress, save)
     progress.setdefault('timing', {})['logits_seconds'] = time.perf_counter() - started
@@ -446,40 +461,40 @@ def compute_statistics(workdir, *, store=None, step=None, out=None, options=Opti
   }
   zarr_io.write_json(os.path.join(out, RESULT), result)
   os.remove(os.path.join(out, PROGRESS))
-  log.info('feature statistics of %d latents over %d tokens in %s', run.sae.n_latents, n_rows,
+  logs.stage('feature statistics of %d latents over %d tokens in %s', run.sae.n_latents, n_rows,
            out)
   return out
 
 
-def main(argv=None):
-  """python -m dictlearn.analysis.features --workdir DIR [--store PATH] [--tokens N]"""
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(prog='python -m dictlearn.analysis.features',
-                                   description='Per-feature statistics of a trained SAE.')
-  parser.add_argument('--workdir', required=True, help='training run directory')
+def _parser():
+  parser = cli.ArgumentParser(prog='python -m dictlearn.analysis.features', description=__doc__)
+  parser.add_argument('--workdir', required=True,
+                      help="training run directory (or a pipeline's directory: its run is sae/)")
   parser.add_argument('--store', default=None, help="activation store (default: the run's)")
   parser.add_argument('--tokens', type=int, default=0, help='store rows to read (0: all)')
   parser.add_argument('--step', type=int, default=None, help='checkpoint step (default latest)')
-  parser.add_argument('--out', default=None, help='output directory (default WORKDIR/features)')
+  parser.add_argument('--out', default=None, help='output directory (default RUN/features)')
   for field in dataclasses.fields(Options):
     if field.name not in ('tokens', 'progress'):  # Options' docstring says what each does
       parser.add_argument(f'--{field.name}', type=field.type, default=field.default)
   parser.add_argument('--restart', action='store_true', help='discard an unfinished pass')
   parser.add_argument('--no_progress', action='store_true', help='no progress bars')
-  args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
-  logging.getLogger('absl').setLevel(logging.ERROR)
+  return parser
+
+
+def _main(args):
   options = Options(progress=not args.no_progress, **{
       f.name: getattr(args, f.name) for f in dataclasses.fields(Options) if f.name != 'progress'})
-  try:
-    out = compute_statistics(args.workdir, store=args.store, step=args.step, out=args.out,
-                             options=options, restart=args.restart)
-  except (FileNotFoundError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  stats = load_statistics(out)
-  print(stats.summary())
+  out = compute_statistics(args.workdir, store=args.store, step=args.step, out=args.out,
+                           options=options, restart=args.restart)
+  print(load_statistics(out).summary())
   return 0
+
+
+def main(argv=None):
+  """python -m dictlearn.analysis.features --workdir DIR [--store PATH] [--tokens N]"""
+  return cli.run_tool(_main, _parser(), argv, log_dir=lambda a: ckpt_lib.run_directory(
+      a.workdir) if os.path.isdir(a.workdir) else None)
 
 
 if __name__ == '__main__':

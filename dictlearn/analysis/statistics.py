@@ -13,6 +13,8 @@ import os
 import numpy as np
 
 from dictlearn.analysis import zarr_io
+from dictlearn.lm import gguf as gguf_lib
+from dictlearn.lm.tokenizer import Tokenizer
 
 RESULT = 'features.json'
 CONTEXT_KINDS = ('top',)  # kind 0; kinds q >= 1 are 'quantile q'
@@ -23,13 +25,14 @@ class FeatureIndexError(IndexError, ValueError):
 
 
 def resolve(path):
-  """The features directory of a run directory, or `path` itself when it is one.
+  """The features directory of a run directory (or of a pipeline's, whose run is sae/),
+  or `path` itself when it is one.
 
   Raises:
     FileNotFoundError: neither holds features.json.
   """
   path = os.path.abspath(path)
-  for candidate in (path, os.path.join(path, 'features')):
+  for candidate in (path, os.path.join(path, 'features'), os.path.join(path, 'sae', 'features')):
     if os.path.isfile(os.path.join(candidate, RESULT)):
       return candidate
   progress = any(os.path.isfile(os.path.join(c, 'progress.json'))
@@ -104,8 +107,6 @@ class FeatureStatistics:
     path = self.meta.get('language_model')
     if not path or not os.path.isfile(path):
       return None
-    from dictlearn.lm import gguf as gguf_lib  # pylint: disable=g-import-not-at-top
-    from dictlearn.lm.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
     tokenizer = Tokenizer.from_gguf(gguf_lib.open_gguf(path))
     return [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
 
