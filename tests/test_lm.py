@@ -6,7 +6,6 @@ loading the same GGUF file (/work/shared/bench/peers/hf_forward.py).
 """
 import os
 
-import gguf as gguf_lib
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 
 from dictlearn.lm import generate as gen
 from dictlearn.lm import gguf, llama
+from tiny_lm import write_tiny_gguf
 
 TEXT = pydoc_data.topics.topics['assert'] + pydoc_data.topics.topics['if']
 # transformers' tokenisation of TEXT (no BOS: the file says add_bos_token false).
@@ -229,76 +229,13 @@ def test_filter_logits_top_k_top_p():
   assert kept(0, 1.0) == [[True] * 4] * 2
 
 
-# ---- a tiny Llama GGUF written here: the loader beyond SmolLM2 ----------------------------
-
-
-def _byte_alphabet():
-  """GPT-2's bytes_to_unicode alphabet, in byte order."""
-  keep = list(range(ord('!'), ord('~') + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-  chars, extra = {}, 0
-  for b in range(256):
-    if b in keep:
-      chars[b] = chr(b)
-    else:
-      chars[b] = chr(256 + extra)
-      extra += 1
-  return [chars[b] for b in range(256)]
-
-
-def _write_tiny_gguf(path, rng, n_layers=2, d=32, heads=4, kv_heads=2, d_mlp=48):
-  specials = ['<|endoftext|>', '<|im_start|>', '<|im_end|>']
-  tokens = specials + _byte_alphabet() + ['he', 'll', 'hell', 'Ġw']
-  merges = ['h e', 'l l', 'he ll', 'Ġ w']
-  vocab, hd = len(tokens), d // heads
-  w = gguf_lib.GGUFWriter(str(path), 'llama')
-  w.add_name('tiny')
-  w.add_block_count(n_layers)
-  w.add_context_length(128)
-  w.add_embedding_length(d)
-  w.add_feed_forward_length(d_mlp)
-  w.add_head_count(heads)
-  w.add_head_count_kv(kv_heads)
-  w.add_rope_freq_base(500.0)
-  w.add_layer_norm_rms_eps(1e-6)
-  w.add_tokenizer_model('gpt2')
-  w.add_tokenizer_pre('gpt2')
-  w.add_token_list(tokens)
-  w.add_token_merges(merges)
-  w.add_token_types([3] * len(specials) + [1] * (vocab - len(specials)))
-  w.add_bos_token_id(0)
-  w.add_eos_token_id(2)
-  w.add_chat_template("{{'<|im_start|>' + message['role'] + '\n'}}")
-  hf = {'embed': rng.normal(size=(vocab, d)), 'unembed': rng.normal(size=(vocab, d)),
-        'final_norm': 1 + 0.1 * rng.normal(size=d)}
-  shapes = {'attn_q': (heads * hd, d), 'attn_k': (kv_heads * hd, d), 'attn_v': (kv_heads * hd, d),
-            'attn_output': (d, heads * hd), 'ffn_gate': (d_mlp, d), 'ffn_up': (d_mlp, d),
-            'ffn_down': (d, d_mlp), 'attn_norm': (d,), 'ffn_norm': (d,)}
-  w.add_tensor('token_embd.weight', hf['embed'].astype(np.float16))  # F16 path
-  w.add_tensor('output.weight', hf['unembed'].astype(np.float32))  # untied
-  w.add_tensor('output_norm.weight', hf['final_norm'].astype(np.float32))
-  for i in range(n_layers):
-    for name, shape in shapes.items():
-      a = rng.normal(size=shape).astype(np.float32) * (0.2 if len(shape) == 2 else 1.0)
-      hf[f'{i}.{name}'] = a
-      if name in ('attn_q', 'attn_k'):  # as llama.cpp's converter writes them
-        a = gguf.hf_to_llamacpp_rows(a, heads if name == 'attn_q' else kv_heads)
-      if name == 'ffn_up':  # a quantised tensor: Q8_0 blocks of 32 along the rows
-        w.add_tensor(f'blk.{i}.{name}.weight',
-                     gguf_lib.quants.quantize(a, gguf_lib.GGMLQuantizationType.Q8_0),
-                     raw_dtype=gguf_lib.GGMLQuantizationType.Q8_0)
-      else:
-        w.add_tensor(f'blk.{i}.{name}.weight', a)
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file()
-  w.close()
-  return hf
+# ---- a tiny Llama GGUF (tests/tiny_lm.py): the loader beyond SmolLM2 ----------------------
 
 
 def test_tiny_gguf_loads_any_llama(tmp_path):
   rng = np.random.default_rng(0)
   path = tmp_path / 'tiny.gguf'
-  hf = _write_tiny_gguf(path, rng)
+  hf = write_tiny_gguf(path, rng)
   cfg, params, tok = gguf.load_gguf(str(path))
   assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_mlp) == (
       2, 32, 4, 2, 8, 48)
@@ -327,7 +264,7 @@ def test_tiny_gguf_loads_any_llama(tmp_path):
 
 def test_steering_values_vary_without_recompiling(tmp_path):
   path = tmp_path / 'tiny.gguf'
-  _write_tiny_gguf(path, np.random.default_rng(1))
+  write_tiny_gguf(path, np.random.default_rng(1))
   cfg, params, tok = gguf.load_gguf(str(path))
   tokens = jnp.asarray([tok.encode('hello world')])
 
