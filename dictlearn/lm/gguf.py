@@ -23,24 +23,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from dictlearn.fetch import default_gguf_path
+from dictlearn.lm import weights
 from dictlearn.lm.llama import LlamaConfig
 from dictlearn.lm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 
-# GGUF block tensor name -> (params key, kind); kind says how to reshape.
-_BLOCK_TENSORS = {
-    'attn_norm': ('attn_norm', 'vector'),
-    'attn_q': ('wq', 'q'),
-    'attn_k': ('wk', 'kv'),
-    'attn_v': ('wv', 'kv'),
-    'attn_output': ('wo', 'o'),
-    'ffn_norm': ('mlp_norm', 'vector'),
-    'ffn_gate': ('w_gate', 'linear'),
-    'ffn_up': ('w_up', 'linear'),
-    'ffn_down': ('w_down', 'linear'),
-}
+# GGUF block tensor name -> params key.
+_BLOCK_TENSORS = {'attn_norm': 'attn_norm', 'attn_q': 'wq', 'attn_k': 'wk', 'attn_v': 'wv',
+                  'attn_output': 'wo', 'ffn_norm': 'mlp_norm', 'ffn_gate': 'w_gate',
+                  'ffn_up': 'w_up', 'ffn_down': 'w_down'}
+_GGUF_NAME = {key: gguf_name for gguf_name, key in _BLOCK_TENSORS.items()}
+_GLOBAL_NAMES = {'embed': 'token_embd.weight', 'final_norm': 'output_norm.weight',
+                 'unembed': 'output.weight'}
+_GLOBAL_KEYS = {name: key for key, name in _GLOBAL_NAMES.items()}
 
 
 def open_gguf(path: Optional[str] = None) -> gguf.GGUFReader:
@@ -150,32 +147,6 @@ def _dequantize(tensor) -> np.ndarray:
   return np.asarray(w, dtype=np.float32)
 
 
-def _to_model_layout(w: np.ndarray, kind: str, cfg: LlamaConfig, undo_permutation: bool,
-                     name: str) -> np.ndarray:
-  """(out, in) GGUF matrix -> the model's layout for `kind`."""
-  d, hd = cfg.d_model, cfg.head_dim
-  expected = {
-      'vector': (d,),
-      'q': (cfg.n_heads * hd, d),
-      'kv': (cfg.n_kv_heads * hd, d),
-      'o': (d, cfg.n_heads * hd),
-      'linear': None,
-  }[kind]
-  if expected is not None and w.shape != expected:
-    raise ValueError(f'GGUF tensor {name!r} has shape {w.shape}; expected {expected} '
-                     'from the file metadata.')
-  if kind == 'vector':
-    return w
-  if kind in ('q', 'kv'):
-    heads = cfg.n_heads if kind == 'q' else cfg.n_kv_heads
-    if undo_permutation and not name.endswith('attn_v.weight'):
-      w = llamacpp_to_hf_rows(w, heads)
-    return w.T.reshape(d, heads, hd)
-  if kind == 'o':
-    return w.T.reshape(cfg.n_heads, hd, d)
-  return w.T
-
-
 def load_params(reader: gguf.GGUFReader, cfg: LlamaConfig, dtype=jnp.float32,
                 undo_rope_permutation: bool = True) -> dict:
   """Dequantised, stacked parameters of a Llama GGUF file.
@@ -194,43 +165,26 @@ def load_params(reader: gguf.GGUFReader, cfg: LlamaConfig, dtype=jnp.float32,
     ValueError: a tensor is missing, unexpected or of the wrong shape.
   """
   path = reader.data.filename
-  tensors = {t.name: t for t in reader.tensors}
-  per_layer = {key: [None] * cfg.n_layers for key, _ in _BLOCK_TENSORS.values()}
+  per_layer = {key: [None] * cfg.n_layers for key in weights.BLOCK_KEYS}
   params = {}
-  for name, tensor in tensors.items():
-    parts = name.split('.')
-    if name == 'token_embd.weight':
-      params['embed'] = _dequantize(tensor)
-    elif name == 'output_norm.weight':
-      params['final_norm'] = _dequantize(tensor)
-    elif name == 'output.weight':
-      params['unembed'] = _dequantize(tensor).T
+  for tensor in reader.tensors:
+    name, parts = tensor.name, tensor.name.split('.')
+    if name in _GLOBAL_KEYS:
+      w = _dequantize(tensor)
+      params[_GLOBAL_KEYS[name]] = w.T if name == 'output.weight' else w
     elif (len(parts) == 4 and parts[0] == 'blk' and parts[3] == 'weight'
           and parts[2] in _BLOCK_TENSORS and int(parts[1]) < cfg.n_layers):
-      key, kind = _BLOCK_TENSORS[parts[2]]
-      per_layer[key][int(parts[1])] = _to_model_layout(
-          _dequantize(tensor), kind, cfg, undo_rope_permutation, name)
+      key = _BLOCK_TENSORS[parts[2]]
+      w = _dequantize(tensor)
+      if undo_rope_permutation and key in ('wq', 'wk'):
+        w = llamacpp_to_hf_rows(w, cfg.n_heads if key == 'wq' else cfg.n_kv_heads)
+      per_layer[key][int(parts[1])] = weights.to_model_layout(w, weights.KIND[key], cfg, name)
     else:
       raise ValueError(f'{path!r}: unexpected tensor {name!r} (shape {tensor.data.shape}); '
                        'this loader supports plain Llama blocks without biases.')
-  missing = [f'blk.{i}.{gguf_name}.weight'
-             for gguf_name, (key, _) in _BLOCK_TENSORS.items()
-             for i, w in enumerate(per_layer[key]) if w is None]
-  missing += [n for n, k in (('token_embd.weight', 'embed'), ('output_norm.weight', 'final_norm'))
-              if k not in params]
-  if missing:
-    raise ValueError(f'{path!r} lacks tensors {missing[:8]}{" ..." if len(missing) > 8 else ""}.')
-  if params['embed'].shape != (cfg.vocab_size, cfg.d_model):
-    raise ValueError(f'{path!r}: token_embd.weight has shape {params["embed"].shape}; '
-                     f'expected {(cfg.vocab_size, cfg.d_model)}.')
-  params['layers'] = {key: np.stack(ws) for key, ws in per_layer.items()}
-  return _to_jax(params, dtype)
-
-
-def _to_jax(tree, dtype):
-  if isinstance(tree, dict):
-    return {k: _to_jax(v, dtype) for k, v in tree.items()}
-  return jnp.asarray(tree, dtype=dtype)
+  return weights.assemble(
+      params, per_layer, cfg, _GLOBAL_NAMES, lambda key, i: f'blk.{i}.{_GGUF_NAME[key]}.weight',
+      path, dtype)
 
 
 def load_gguf(path: Optional[str] = None, dtype=jnp.float32, *,
