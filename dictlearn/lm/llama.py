@@ -18,7 +18,7 @@ carry a hook run on their own, between scans over the plain layers around them
 (`scan [0, L)`, `layer L`, `scan (L, n)`), so a hook costs nothing at run time
 and only one extra layer body at compile time.
 
-Parameters (`params`), as built by `dictlearn.lm.gguf.load_gguf`:
+Parameters (`params`), as built by `dictlearn.lm.load_model` (GGUF or Hugging Face):
 
     embed       (vocab, d_model)
     final_norm  (d_model,)
@@ -32,6 +32,8 @@ Parameters (`params`), as built by `dictlearn.lm.gguf.load_gguf`:
       w_gate    (n_layers, d_model, d_mlp)
       w_up      (n_layers, d_model, d_mlp)
       w_down    (n_layers, d_mlp, d_model)
+      bq        (n_layers, n_heads, head_dim)      optional attention biases (Qwen2),
+      bk, bv    (n_layers, n_kv_heads, head_dim)   all three or none
 
 The query/key head_dim axis is in the Hugging Face rotary layout (first half of
 each head rotates with the second half), not llama.cpp's interleaved one.
@@ -237,6 +239,8 @@ def _block(cfg: LlamaConfig, lp: Params, x, ctx: _Context, layer, hooks: _Hooks,
   q = jnp.einsum('btd,dhk->bthk', h, lp['wq'])
   k = jnp.einsum('btd,dhk->bthk', h, lp['wk'])
   v = jnp.einsum('btd,dhk->bthk', h, lp['wv'])
+  if 'bq' in lp:  # attention biases (Qwen2)
+    q, k, v = q + lp['bq'], k + lp['bk'], v + lp['bv']
   q = apply_rope(q, ctx.cos, ctx.sin)
   # Keys and values head-major, (batch, n_kv_heads, seq, head_dim), as the cache holds them.
   k = apply_rope(k, ctx.cos, ctx.sin).transpose(0, 2, 1, 3)
