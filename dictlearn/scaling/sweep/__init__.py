@@ -33,8 +33,10 @@ import ml_collections
 
 from dictlearn import cli
 from dictlearn import evals
+from dictlearn import harvest
 from dictlearn import lm
 from dictlearn import logs
+from dictlearn.data import store as store_lib
 from dictlearn.scaling import laws
 from dictlearn.train import checkpoint as ckpt_lib
 from dictlearn.train import metrics as metrics_lib
@@ -207,7 +209,9 @@ def run_sweep(sweep: ml_collections.ConfigDict, out_dir: str) -> list[dict]:
   """Trains every run here, in order, evaluating along the way; resumable."""
   os.makedirs(out_dir, exist_ok=True)
   runs = expand(sweep)
-  lm_model = lm.load_gguf() if sweep.ce_contexts > 0 else None
+  lm_model = None
+  if sweep.ce_contexts > 0 and runs:
+    lm_model = _harvested_model(run_config(sweep, runs[0]))
   for i, run in enumerate(runs):
     config = run_config(sweep, run)
     config.unlock()
@@ -227,6 +231,17 @@ def run_sweep(sweep: ml_collections.ConfigDict, out_dir: str) -> list[dict]:
         evals.record_evaluation(workdir, step, ce)
     collect(sweep, out_dir)
   return collect(sweep, out_dir)
+
+
+def _harvested_model(config: ml_collections.ConfigDict):
+  """The language model the runs' store was harvested from (loaded once), or None."""
+  if not config.data.store:
+    return None
+  manifest, _ = store_lib.read_status(config.data.store)
+  recorded = ((manifest or {}).get('extra') or {}).get('harvest')
+  if recorded is None:
+    return None  # not harvested from a model: there is no CE loss to recover
+  return lm.load_model(harvest.resolve_model_path(recorded['model']))
 
 
 def commands(sweep: ml_collections.ConfigDict, out_dir: str) -> list[str]:
