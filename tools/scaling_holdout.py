@@ -1,58 +1,92 @@
-"""Fit a scaling law on all but the largest dictionary of a sweep, and predict that one.
+"""Fit a scaling law on all but the largest dictionaries of a sweep, and predict those.
 
     python tools/scaling_holdout.py runs/sweep_smollm2/results.jsonl [--target fvu]
-                                   [--form chinchilla] [--n-boot 200]
+        [--form chinchilla|power|openai] [--holdout-largest K] [--where 'k==32'] [--n-boot 200]
 
 Prints the law fitted on the smaller dictionaries (with bootstrap intervals),
-then, for every evaluation point of the largest dictionary, the prediction with
-its 95% bootstrap interval, the measured value and the relative error.
+then, for every point of the K largest sizes (default 1), the prediction with
+its prediction interval (bootstrap parameters plus the training residuals'
+scatter, as `dictlearn.scaling.validate` computes it), the measured value and
+the relative error. The law's inputs are read from the columns of the same
+names (n_latents, tokens, k); runs (the `run` column, when there are enough
+of them) are the bootstrap clusters.
 """
 import argparse
-import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
+from dictlearn import scaling
+from dictlearn.scaling import records as records_lib
 
-from dictlearn.scaling import fit as fit_lib  # noqa: E402
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('results', help='JSONL or CSV results file (the sweep writes results.jsonl)')
+  p.add_argument('--target', default='fvu', help='column to fit (fvu, loss, mse, ...)')
+  p.add_argument('--form', default='chinchilla', choices=sorted(scaling.LAWS),
+                 help='law to fit')
+  p.add_argument('--holdout-largest', type=int, default=1, metavar='K',
+                 help='hold out the K largest dictionary sizes (default 1)')
+  p.add_argument('--where', action='append', default=[], metavar='COND',
+                 help="use only the records where COND holds, e.g. 'k==32' (repeatable)")
+  p.add_argument('--n-boot', type=int, default=200, help='bootstrap replicates')
+  p.add_argument('--delta', type=float, default=None,
+                 help='Huber delta on log residuals (default: from the data)')
+  p.add_argument('--n-starts', type=int, default=128, help='local fits from the grid (0: all)')
+  p.add_argument('--seed', type=int, default=0)
+  return p
+
+
+def run(args) -> dict:
+  """Fits, predicts and prints; returns the validation summary."""
+  law = scaling.get_law(args.form)
+  options = scaling.FitOptions(n_boot=args.n_boot, delta=args.delta, seed=args.seed,
+                               n_starts=args.n_starts or None)
+  records, _ = records_lib.load_records(args.results)
+  records = records_lib.select(records, args.where, args.results)
+  inputs = records_lib.law_inputs(records, law.inputs, args.results)
+  y = records_lib.column(records, args.target, args.results)
+  test = scaling.holdout_largest(inputs['n_latents'], args.holdout_largest)
+  groups = None
+  if all('run' in r for r in records):
+    runs = np.array([str(r['run']) for r in records])
+    # Points of one run share its data order, so runs are the natural bootstrap
+    # clusters; with few runs the points are resampled instead.
+    if len(set(runs[~test])) > law.n_params + 3:
+      groups = runs
+  summary, fit = scaling.validate(law, inputs, y, test, target=args.target, groups=groups,
+                                  options=options)
+  sizes = np.unique(inputs['n_latents'][test])
+  print(f'fitted on {summary["n_train"]} points with n_latents < {sizes.min():.0f}:')
+  print(fit.report())
+  others = [name for name in law.inputs if name != 'n_latents']
+  level = f'{options.level:.0%} interval'
+  print(f'\nprediction of the held-out n_latents in {sizes.astype(int).tolist()} ({args.target}):')
+  print(' '.join(f'{name:>10s}' for name in ['n_latents'] + others)
+        + f' {"measured":>10s} {"predicted":>10s} {level:>22s} {"rel. error":>10s}')
+  rows = summary['test_rows']
+  errors = []
+  for row, pred, lo, hi in zip(rows, summary['test_predicted'], summary['test_lo'],
+                               summary['test_hi']):
+    measured = y[row]
+    errors.append(pred / measured - 1)
+    inside = 'inside' if lo <= measured <= hi else 'outside'
+    print(' '.join(f'{inputs[name][row]:>10.4g}' for name in ['n_latents'] + others)
+          + f' {measured:10.4f} {pred:10.4f}   [{lo:8.4f}, {hi:8.4f}] {100 * errors[-1]:+9.2f}%  '
+          + inside)
+  print(f'relative error: mean |e| {100 * np.mean(np.abs(errors)):.2f}%, '
+        f'max {100 * np.max(np.abs(errors)):.2f}%; intervals cover {summary["coverage"]:.0%}')
+  return summary
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('results')
-  p.add_argument('--target', default='fvu')
-  p.add_argument('--form', default='chinchilla', choices=('chinchilla', 'power'))
-  p.add_argument('--n-boot', type=int, default=200)
-  args = p.parse_args(argv)
-  with open(args.results, encoding='utf-8') as f:
-    records = [json.loads(line) for line in f if line.strip()]
-  n = np.array([r['n_latents'] for r in records], float)
-  tokens = np.array([r['tokens'] for r in records], float)
-  y = np.array([r[args.target] for r in records], float)
-  runs = np.array([r['run'] for r in records])
-  largest = n == n.max()
-  inputs = {'n_latents': n, 'tokens': tokens} if args.form == 'chinchilla' else {'n_latents': n}
-  train = {k: v[~largest] for k, v in inputs.items()}
-  # Points of one run share its data order, so runs are the natural bootstrap
-  # clusters; with fewer runs than parameters + 1 the points are resampled instead.
-  groups = runs[~largest] if len(set(runs[~largest])) > len(inputs) + 3 else None
-  result = fit_lib.fit_law(args.form, train, y[~largest], n_boot=args.n_boot, groups=groups)
-  print(f'fitted on {int((~largest).sum())} points with n_latents < {int(n.max())}:')
-  print(result.report())
-  test = {k: v[largest] for k, v in inputs.items()}
-  predicted = result.predict(test)
-  samples = result.predict_samples(test)
-  lo, hi = np.percentile(samples, [2.5, 97.5], axis=0)
-  errors = (predicted - y[largest]) / y[largest]
-  print(f'\nprediction of the held-out n_latents={int(n.max())} ({args.target}):')
-  print(f'{"tokens":>10s} {"measured":>10s} {"predicted":>10s} {"95% interval":>22s} {"rel. error":>10s}')
-  for d, m, pr, a, b, e in zip(tokens[largest], y[largest], predicted, lo, hi, errors):
-    inside = 'inside' if a <= m <= b else 'outside'
-    print(f'{int(d):>10d} {m:10.4f} {pr:10.4f}   [{a:8.4f}, {b:8.4f}] {100 * e:+9.2f}%  {inside}')
-  print(f'relative error: mean {100 * np.mean(np.abs(errors)):.2f}%, '
-        f'max {100 * np.max(np.abs(errors)):.2f}%')
+  args = _parser().parse_args(argv)
+  try:
+    run(args)
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
   return 0
 
 

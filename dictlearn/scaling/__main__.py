@@ -13,10 +13,12 @@ Hoffmann et al.'s runs as digitised by Epoch AI (Besiroglu et al. 2024):
 
     python -m dictlearn.scaling fit svg_extracted_data.csv --form chinchilla \\
         --n-column 'Model Size' --compute-column 'Training FLOP' --tokens-from-compute \\
-        --compute lm --drop-highest 5 --targets 1e10,7e10
+        --compute lm --drop-highest 5 --delta 1e-3 --targets 1e10,7e10
+
+`--where 'n_latents<=32768'` (repeatable) fits a subset; see
+`dictlearn.scaling.records` for the conditions.
 """
 import argparse
-import csv
 import json
 import logging
 import pathlib
@@ -26,65 +28,8 @@ import numpy as np
 
 from dictlearn.scaling import fit as fit_lib
 from dictlearn.scaling import laws
-
-_GROUP_COLUMNS = ('group', 'run', 'run_id', 'seed')
-
-
-def load_records(path: str) -> tuple[list[dict], str]:
-  """Reads a JSONL (one object per line) or CSV (by extension) results file.
-
-  Returns:
-    (records, kind) with kind 'csv' or 'jsonl'.
-
-  Raises:
-    ValueError: unreadable line or empty file.
-  """
-  p = pathlib.Path(path)
-  if not p.is_file():
-    raise ValueError(f'results file {path} does not exist')
-  if p.suffix.lower() == '.csv':
-    with p.open(newline='') as f:
-      records = list(csv.DictReader(f))
-    kind = 'csv'
-  else:
-    records, kind = [], 'jsonl'
-    with p.open() as f:
-      for number, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f'{path}:{number}: not valid JSON ({e.msg}); expected one JSON object '
-                           'per line') from None
-        if not isinstance(record, dict):
-          raise ValueError(f'{path}:{number}: expected a JSON object, found '
-                           f'{type(record).__name__}')
-        records.append(record)
-  if not records:
-    raise ValueError(f'{path} holds no records')
-  return records, kind
-
-
-def column(records: list[dict], name: str, path: str, numeric: bool = True) -> np.ndarray:
-  """One column as an array; a missing or non-numeric value is an error naming the record."""
-  present = sorted({key for r in records for key in r})
-  if name not in present:
-    raise ValueError(f'{path}: no column {name!r}; columns present: {present}')
-  values = []
-  for i, r in enumerate(records):
-    v = r.get(name)
-    if v is None or v == '':
-      raise ValueError(f'{path}: record {i + 1} has no value for column {name!r}')
-    if numeric:
-      try:
-        v = float(v)
-      except (TypeError, ValueError):
-        raise ValueError(f'{path}: record {i + 1}, column {name!r}: expected a number, '
-                         f'found {v!r}') from None
-    values.append(v)
-  return np.asarray(values, dtype=np.float64 if numeric else object)
-
+from dictlearn.scaling.records import GROUP_COLUMNS, column, default_group_column, law_inputs
+from dictlearn.scaling.records import load_records, select
 
 def _floats(text: str) -> list[float]:
   try:
@@ -109,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
                       'with --tokens-from-compute gives the tokens (default: flops_dense for '
                       '--compute sae, flops_sparse for sae_sparse, else flops, if present)')
   f.add_argument('--group-column', default=None,
-                 help=f"bootstrap cluster column; default the first of {list(_GROUP_COLUMNS)} "
+                 help=f"bootstrap cluster column; default the first of {list(GROUP_COLUMNS)} "
                       "present; 'none' resamples records")
   f.add_argument('--tokens-from-compute', action='store_true',
                  help='derive tokens D = C / flops_per_token(n) from the compute column '
@@ -121,10 +66,15 @@ def _parser() -> argparse.ArgumentParser:
   f.add_argument('--k', type=float, default=None,
                  help='active latents for sae_sparse compute and for plans of laws with k '
                       '(default: the most common k in the data)')
+  f.add_argument('--where', action='append', default=[], metavar='COND',
+                 help="fit only the records where COND holds, e.g. 'n_latents<=32768' or "
+                      "'k==32' (<=, >=, <, >, ==, !=; repeat for AND)")
   f.add_argument('--drop-highest', type=int, default=0,
                  help='drop this many records with the highest target first (Besiroglu: 5)')
   f.add_argument('--loss', default='huber', choices=fit_lib.LOSSES)
-  f.add_argument('--delta', type=float, default=1e-3, help='Huber delta on log residuals')
+  f.add_argument('--delta', type=float, default=None,
+                 help='Huber delta on log residuals (default: from the data, 1.345 x the robust '
+                      'scale of least-squares residuals; Besiroglu et al. used 1e-3)')
   f.add_argument('--reduction', default='sum', choices=fit_lib.REDUCTIONS)
   f.add_argument('--n-boot', type=int, default=200, help='bootstrap replicates')
   f.add_argument('--level', type=float, default=0.95, help='interval level')
@@ -161,11 +111,33 @@ def _compute_model(args, records, path) -> laws.ComputeModel | None:
   return laws.ComputeModel(args.compute, d_model=d_model, k=k)
 
 
+def _inputs(args, law, records, path, flops, compute) -> dict[str, np.ndarray]:
+  """The law's inputs from the records, tokens derived from the FLOPs on request."""
+  renamed = {'n_latents': args.n_column, 'tokens': args.tokens_column, 'k': args.k_column}
+  names = [n for n in law.inputs if not (n == 'tokens' and args.tokens_from_compute)]
+  inputs = law_inputs(records, names, path, renamed)
+  if 'tokens' in law.inputs and args.tokens_from_compute:
+    if flops is None or compute is None:
+      raise ValueError('--tokens-from-compute needs a FLOPs column (--compute-column) and a '
+                       'FLOP model (--compute lm, or --d-model for the SAE models)')
+    inputs['tokens'] = flops / compute.flops_per_token(inputs['n_latents'])
+  return inputs
+
+
+def _options(args) -> fit_lib.FitOptions:
+  return fit_lib.FitOptions(
+      loss=args.loss, delta=args.delta, reduction=args.reduction, n_starts=args.n_starts or None,
+      n_boot=args.n_boot, level=args.level, holdout=args.holdout, seed=args.seed)
+
+
 def run_fit(args) -> fit_lib.FitResult:
   """Loads, fits, reports, writes the JSON and the plots; returns the result."""
   law = laws.get_law(args.form)
+  options = _options(args)  # bad values fail here, before the file is read
   path = args.results
   records, kind = load_records(path)
+  n_read = len(records)
+  records = select(records, args.where, path)
   y = column(records, args.target, path)
   dropped = 0
   if args.drop_highest:
@@ -180,34 +152,18 @@ def run_fit(args) -> fit_lib.FitResult:
     flops_column = next((c for c in (preferred, 'flops')
                          if c and all(r.get(c) is not None for r in records)), None)
   flops = column(records, flops_column, path) if flops_column else None
-  inputs = {}
-  for name in law.inputs:
-    if name == 'n_latents':
-      inputs[name] = column(records, args.n_column, path)
-    elif name == 'tokens' and args.tokens_from_compute:
-      if flops is None or compute is None:
-        raise ValueError('--tokens-from-compute needs a FLOPs column (--compute-column) and a '
-                         'FLOP model (--compute lm, or --d-model for the SAE models)')
-      inputs[name] = flops / compute.flops_per_token(inputs['n_latents'])
-    elif name == 'tokens':
-      inputs[name] = column(records, args.tokens_column, path)
-    elif name == 'k':
-      inputs[name] = column(records, args.k_column, path)
-    else:
-      inputs[name] = column(records, name, path)
-  group_column = args.group_column
-  if group_column is None:
-    group_column = next((c for c in _GROUP_COLUMNS if all(c in r for r in records)), None)
+  inputs = _inputs(args, law, records, path, flops, compute)
+  group_column = args.group_column or default_group_column(records)
   groups = None
   if group_column and group_column != 'none':
     groups = np.array([str(v) for v in column(records, group_column, path, numeric=False)])
   fixed = {'k': args.k} if args.k is not None and 'k' in law.inputs else None
-  result = fit_lib.fit_law(
-      law, inputs, y, loss=args.loss, delta=args.delta, reduction=args.reduction,
-      n_boot=args.n_boot, groups=groups, level=args.level, seed=args.seed,
-      n_starts=args.n_starts or None, holdout=args.holdout, row_compute=flops, compute=compute,
-      budgets=args.budgets, targets=args.targets, fixed=fixed)
+  plan = fit_lib.PlanOptions(compute=compute, budgets=args.budgets, targets=args.targets,
+                             fixed=fixed)
+  result = fit_lib.fit_law(law, inputs, y, target=args.target, groups=groups, row_compute=flops,
+                           options=options, plan=plan)
   header = (f'{path}: {len(records)} {kind} records'
+            + (f" (of {n_read}, where {' and '.join(args.where)})" if args.where else '')
             + (f' ({dropped} with the highest {args.target} dropped)' if dropped else '')
             + (f'; bootstrap clustered by {group_column!r}' if groups is not None else '')
             + (f'; FLOPs from {flops_column!r}' if flops_column else ''))
@@ -215,9 +171,10 @@ def run_fit(args) -> fit_lib.FitResult:
   print(result.report())
   if args.out:
     out = result.to_dict()
-    out['input'] = {'path': str(path), 'records': len(records), 'dropped_highest': dropped,
-                    'target': args.target, 'group_column': group_column if groups is not None
-                    else None, 'columns': {'n_latents': args.n_column}}
+    out['input'] = {'path': str(path), 'records': len(records), 'where': args.where,
+                    'dropped_highest': dropped, 'target': args.target,
+                    'group_column': group_column if groups is not None else None,
+                    'columns': {'n_latents': args.n_column}}
     pathlib.Path(args.out).write_text(json.dumps(out, indent=1))
     print(f'wrote {args.out}')
   if args.plots:

@@ -1,6 +1,9 @@
 """Plots of a fitted scaling law (matplotlib, Agg backend, PNG files).
 
     plot_all(result, 'plots/')  ->  loss_vs_size.png, frontier.png, residuals.png, extrapolation.png
+    figures(result)             ->  the same as {file name: matplotlib Figure}
+
+The target axis is named after the fitted target (fvu, loss, ...).
 
 Held-out points (hold-out validation) are drawn hollow; bands are the
 bootstrap's percentile intervals at the result's level.
@@ -13,6 +16,7 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from dictlearn.scaling import laws as laws_lib
@@ -40,16 +44,18 @@ def _series(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return label, centres
 
 
-def _band(result: FitResult, inputs: dict) -> tuple[np.ndarray, np.ndarray] | None:
-  samples = result.predict_samples(inputs)
+def _band(result: FitResult, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+  """The percentile band of bootstrap predictions `[n_replicates, n_points]` at the fit's level."""
   if len(samples) < 2:
     return None
-  q = 100 * (1 - result.settings['level']) / 2
-  return np.nanpercentile(samples, q, axis=0), np.nanpercentile(samples, 100 - q, axis=0)
+  q = 100 * (1 - result.options.level) / 2
+  with np.errstate(all='ignore'):
+    lo, hi = np.nanpercentile(samples, [q, 100 - q], axis=0)
+  return lo, hi
 
 
-def plot_loss_vs_size(result: FitResult, path) -> pathlib.Path:
-  """Loss against n_latents, one colour per token budget (or k), with fitted curves."""
+def _loss_vs_size(result: FitResult) -> Figure:
+  """The target against n_latents, one colour per token budget (or k), with fitted curves."""
   x, y, held = result.inputs, result.y, _heldout_mask(result)
   n = x['n_latents']
   others = [name for name in result.law.inputs if name != 'n_latents']
@@ -68,14 +74,14 @@ def plot_loss_vs_size(result: FitResult, path) -> pathlib.Path:
     curve_x = {key: np.full_like(grid_n, np.median(x[key][sel])) for key in others}
     curve_x['n_latents'] = grid_n
     ax.plot(grid_n, result.predict(curve_x), color=colours[i], lw=1)
-  ax.set(xscale='log', yscale='log', xlabel='n_latents', ylabel='loss')
+  ax.set(xscale='log', yscale='log', xlabel='n_latents', ylabel=result.target)
   ax.set_title(f'{result.law.name}: {result.law.formula}', fontsize=8)
-  _plain_loss_axis(ax)
+  _plain_log_axis(ax.yaxis)
   ax.legend(fontsize=7)
-  return _save(fig, path)
+  return fig
 
 
-def plot_frontier(result: FitResult, path) -> pathlib.Path | None:
+def _frontier(result: FitResult) -> Figure | None:
   """Compute-optimal n_latents and tokens against the budget, with bootstrap bands."""
   if result.compute is None or not {'n_latents', 'tokens'} <= set(result.law.inputs):
     logging.info('no compute-optimal frontier to plot for law %r', result.law.name)
@@ -85,23 +91,20 @@ def plot_frontier(result: FitResult, path) -> pathlib.Path | None:
   budgets = np.geomspace(data_c.min(), top, 40)
   thetas = np.concatenate([result.theta[None], result.ok_samples])
   opt = laws_lib.compute_optimal(result.law, thetas, budgets, result.compute, result.fixed)
-  q = 100 * (1 - result.settings['level']) / 2
   fig, ax = plt.subplots(figsize=(7, 5))
   for key, colour in (('n_latents', 'C0'), ('tokens', 'C1')):
     ax.plot(budgets, opt[key][0], color=colour, label=f'optimal {key}')
     if len(thetas) > 2:
-      with np.errstate(all='ignore'):
-        lo, hi = np.nanpercentile(opt[key][1:], [q, 100 - q], axis=0)
-      ax.fill_between(budgets, lo, hi, color=colour, alpha=0.2)
+      ax.fill_between(budgets, *_band(result, opt[key][1:]), color=colour, alpha=0.2)
   ax.scatter(data_c, result.inputs['n_latents'], s=6, color='C0', alpha=0.4, label='runs (n)')
   ax.set(xscale='log', yscale='log', xlabel=f'training FLOPs ({result.compute.describe()})',
          ylabel='n_latents / tokens', title='compute-optimal frontier')
   ax.legend(fontsize=8)
-  return _save(fig, path)
+  return fig
 
 
-def plot_residuals(result: FitResult, path) -> pathlib.Path:
-  """Log residuals (data over fit) against the predicted loss; held-out points hollow."""
+def _residuals(result: FitResult) -> Figure:
+  """Log residuals (data over fit) against the predicted target; held-out points hollow."""
   held = _heldout_mask(result)
   pred = result.predict(result.inputs)
   resid = np.log(result.y) - np.log(pred)
@@ -111,13 +114,14 @@ def plot_residuals(result: FitResult, path) -> pathlib.Path:
     ax.scatter(pred[held], resid[held], s=16, facecolors='none', edgecolors='C3',
                label='held-out points')
   ax.axhline(0, color='k', lw=0.8)
-  ax.set(xscale='log', xlabel='predicted loss', ylabel='log(data / fit)', title='residuals')
+  ax.set(xscale='log', xlabel=f'predicted {result.target}', ylabel='log(data / fit)',
+         title='residuals')
   ax.legend(fontsize=8)
-  return _save(fig, path)
+  return fig
 
 
-def plot_extrapolation(result: FitResult, path) -> pathlib.Path | None:
-  """Predicted loss out to the target sizes, with the bootstrap band.
+def _extrapolation(result: FitResult) -> Figure | None:
+  """The predicted target out to the target sizes, with the bootstrap band.
 
   For laws with tokens, each size is trained for its compute-optimal tokens
   (which needs the compute model); for the others the remaining inputs are held
@@ -136,47 +140,62 @@ def plot_extrapolation(result: FitResult, path) -> pathlib.Path | None:
     loss = laws_lib.optimal_tokens_for_size(result.law, thetas, grid_n, result.compute,
                                             result.fixed)['loss']
     centre, samples = loss[0], loss[1:]
-    what = 'loss at compute-optimal tokens'
+    what = f'{result.target} at compute-optimal tokens'
   else:
     x = {key: np.full_like(grid_n, v) for key, v in result.fixed.items()}
     x['n_latents'] = grid_n
     centre, samples = result.predict(x), result.predict_samples(x)
-    what = 'predicted loss' + ''.join(f', {k}={v:g}' for k, v in result.fixed.items())
+    what = f'predicted {result.target}' + ''.join(f', {k}={v:g}' for k, v in result.fixed.items())
     # Only the runs at the plotted values of the other inputs.
     for key, v in result.fixed.items():
       shown &= np.isclose(result.inputs[key], v)
   ax.plot(grid_n, centre, color='C0', label=what)
   if len(samples) > 2:
-    q = 100 * (1 - result.settings['level']) / 2
-    with np.errstate(all='ignore'):
-      lo, hi = np.nanpercentile(samples, [q, 100 - q], axis=0)
-    ax.fill_between(grid_n, lo, hi, color='C0', alpha=0.2,
-                    label=f"{result.settings['level']:.0%} bootstrap band")
+    ax.fill_between(grid_n, *_band(result, samples), color='C0', alpha=0.2,
+                    label=f"{result.options.level:.0%} bootstrap band")
   ax.scatter(n_data[shown], result.y[shown], s=10, color='k', alpha=0.6, zorder=3, label='runs')
   for t in targets:
     ax.axvline(t, color='k', lw=0.5, ls=':')
-  ax.set(xscale='log', yscale='log', xlabel='n_latents', ylabel='loss', title='extrapolation')
-  _plain_loss_axis(ax)
+  ax.set(xscale='log', yscale='log', xlabel='n_latents', ylabel=result.target,
+         title='extrapolation')
+  _plain_log_axis(ax.yaxis)
   ax.legend(fontsize=8)
-  return _save(fig, path)
+  return fig
+
+
+def figures(result: FitResult) -> dict[str, Figure]:
+  """Every plot that applies to `result`, by file name (close them with plt.close)."""
+  out = {'residuals.png': _residuals(result)}
+  if 'n_latents' in result.law.inputs:
+    out.update({'loss_vs_size.png': _loss_vs_size(result), 'frontier.png': _frontier(result),
+                'extrapolation.png': _extrapolation(result)})
+  return {name: fig for name, fig in out.items() if fig is not None}
 
 
 def plot_all(result: FitResult, directory) -> list[pathlib.Path]:
   """Writes every plot that applies to `result` into `directory` (created)."""
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  paths = [plot_residuals(result, directory / 'residuals.png')]
-  if 'n_latents' in result.law.inputs:
-    paths += [plot_loss_vs_size(result, directory / 'loss_vs_size.png'),
-              plot_frontier(result, directory / 'frontier.png'),
-              plot_extrapolation(result, directory / 'extrapolation.png')]
-  return [p for p in paths if p is not None]
+  return [_save(fig, directory / name) for name, fig in figures(result).items()]
 
 
-def _plain_loss_axis(ax):
-  """Loss spans less than a decade: label it 2.2, 2.4, ... rather than 2.2 x 10^0."""
-  ax.yaxis.set_major_formatter(ticker.ScalarFormatter())
-  ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter('%.3g'))
+def _plain_log_axis(axis):
+  """Plain numbers on a log axis (0.02, 2.4; not 2 x 10^-2), never overlapping.
+
+  Decades are labelled; minor ticks only when the axis spans less than about a
+  decade (all of them under 0.4 decades, a few up to 1), so a loss between 2.2
+  and 3.5 still gets labels, and an FVU falling from 0.5 to 0.001 does not get
+  one label on every minor tick.
+  """
+  axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f'{v:g}'))
+  axis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+
+
+class _PlainLogFormatter(ticker.LogFormatter):
+  """matplotlib's choice of which minor ticks to label, written as plain numbers."""
+
+  def __call__(self, x, pos=None):
+    return f'{x:g}' if super().__call__(x, pos) else ''
 
 
 def _save(fig, path) -> pathlib.Path:
