@@ -4,6 +4,7 @@ Tiny random models (tests/tiny_lm.py) are written both ways; a Qwen2-style
 model with attention biases is checked against a numpy forward written here.
 """
 import json
+import os
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -178,6 +179,7 @@ def test_harvest_from_a_hf_directory(tmp_path):
   assert manifest['model'] == 'tiny_hf'
   model = manifest['extra']['model']
   assert model['format'] == 'hf' and len(model['sha256']) == 64 and model['n_layers'] == 2
+  assert harvest_lib.harvested_model_path(manifest) == model['path'] == os.path.abspath(directory)
   record = json.loads((tmp_path / 'out' / 'harvest.json').read_text())
   assert record['model']['file'] == 'tiny_hf' and record['model']['bytes'] > 0
   # The first context's rows are the model's activations at its non-BOS positions.

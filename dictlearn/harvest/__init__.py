@@ -72,6 +72,24 @@ def resolve_model_path(model):
     raise FileNotFoundError(f'config.model: {e}') from None
 
 
+def harvested_model_path(manifest):
+  """The model a store was harvested from, as a path to load; None if it was not harvested.
+
+  The absolute path the harvest recorded (`extra.model.path`) while it exists,
+  else the harvest's config.model resolved from the current directory.
+
+  Raises:
+    FileNotFoundError: neither names a model that is there.
+  """
+  extra = (manifest or {}).get('extra') or {}
+  if 'harvest' not in extra:
+    return None
+  path = (extra.get('model') or {}).get('path')
+  if path and os.path.exists(path):
+    return path
+  return resolve_model_path(extra['harvest']['model'])
+
+
 def check_config(config, lm_cfg):
   """Validates the harvest config against the model's config.
 
@@ -324,7 +342,7 @@ def harvest(config, out_dir, *, model=None):
                 'model': dict(model_info, name=lm_cfg.name,
                               sha256=models_lib.model_sha256(model_path),
                               format='hf' if os.path.isdir(model_path) else 'gguf',
-                              n_layers=lm_cfg.n_layers),
+                              path=os.path.abspath(model_path), n_layers=lm_cfg.n_layers),
                 'context_length': config.context_length, 'packing': PACKING,
                 'bos_id': tokenizer.bos_id, 'exclude_bos': config.exclude_bos}}
   outputs = {site: _SiteOutput(f'{out_dir}/{site}', lm_cfg.d_model, config,

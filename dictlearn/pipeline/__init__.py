@@ -31,7 +31,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(f'config.harvest.sites must name one site for the main job, got '
                      f'{tuple(config.harvest.sites)}')
   site = config.harvest.sites[0]
-  model = lm.load_gguf(harvest_lib.resolve_model_path(config.harvest.model))
+  model = lm.load_model(harvest_lib.resolve_model_path(config.harvest.model))
   activations, sae_dir = os.path.join(workdir, 'activations'), os.path.join(workdir, 'sae')
   logs.stage('1/3 harvesting %s into %s', site, activations)
   harvested = harvest_lib.harvest(config.harvest, activations, model=model)

@@ -238,10 +238,8 @@ def _harvested_model(config: ml_collections.ConfigDict):
   if not config.data.store:
     return None
   manifest, _ = store_lib.read_status(config.data.store)
-  recorded = ((manifest or {}).get('extra') or {}).get('harvest')
-  if recorded is None:
-    return None  # not harvested from a model: there is no CE loss to recover
-  return lm.load_model(harvest.resolve_model_path(recorded['model']))
+  path = harvest.harvested_model_path(manifest)
+  return None if path is None else lm.load_model(path)  # None: no model, no CE to recover
 
 
 def commands(sweep: ml_collections.ConfigDict, out_dir: str) -> list[str]:
