@@ -65,8 +65,11 @@ def test_cli_fits_the_subset_where_asks(tmp_path, capsys):
   assert result['n_points'] == 16 and result['input']['where'] == ['n_latents<=32768']
   assert result['estimate']['alpha'] == pytest.approx(0.4, abs=0.05)
   assert result['settings']['delta'] is None and result['settings']['delta_used'] > 0
-  assert cli.main(args[:-4] + ['--where', 'n_latent<=5']) == 2
+  assert cli.main(args[:-4] + ['--where', 'n_latent<=5']) == 1
   assert "names no column; columns present: ['fvu', 'n_latents', 'run']" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as usage:  # a malformed condition is a bad flag
+    cli.main(args[:-4] + ['--where', 'run<r8'])
+  assert usage.value.code == 2 and 'needs a number' in capsys.readouterr().err
 
 
 # ---- the hold-out tool ---------------------------------------------------------------
@@ -102,7 +105,7 @@ def test_holdout_tool_takes_any_form_and_the_k_largest_sizes(tmp_path):
                         '--form', 'openai', '--target', 'mse', '--holdout-largest', '6'],
                        cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=300)
-  assert bad.returncode == 2 and 'needs 1 <= k < the number of distinct sizes (6' in bad.stderr
+  assert bad.returncode == 1 and 'needs 1 <= k < the number of distinct sizes (6' in bad.stderr
 
 
 # ---- plots -----------------------------------------------------------------------------

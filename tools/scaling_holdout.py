@@ -11,17 +11,17 @@ the relative error. The law's inputs are read from the columns of the same
 names (n_latents, tokens, k); runs (the `run` column, when there are enough
 of them) are the bootstrap clusters.
 """
-import argparse
 import sys
 
 import numpy as np
 
+from dictlearn import cli
 from dictlearn import scaling
 from dictlearn.scaling import records as records_lib
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _parser() -> cli.ArgumentParser:
+  p = cli.ArgumentParser(prog='python tools/scaling_holdout.py', description=__doc__)
   p.add_argument('results', help='JSONL or CSV results file (the sweep writes results.jsonl)')
   p.add_argument('--target', default='fvu', help='column to fit (fvu, loss, mse, ...)')
   p.add_argument('--form', default='chinchilla', choices=sorted(scaling.LAWS),
@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--holdout-largest', type=int, default=1, metavar='K',
                  help='hold out the K largest dictionary sizes (default 1)')
   p.add_argument('--where', action='append', default=[], metavar='COND',
-                 help="use only the records where COND holds, e.g. 'k==32' (repeatable)")
+                 type=records_lib.where_flag, help="use only the records where COND holds, e.g. 'k==32' (repeatable)")
   p.add_argument('--n-boot', type=int, default=200, help='bootstrap replicates')
   p.add_argument('--delta', type=float, default=None,
                  help='Huber delta on log residuals (default: from the data)')
@@ -38,8 +38,8 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
-def run(args) -> dict:
-  """Fits, predicts and prints; returns the validation summary."""
+def run(args) -> int:
+  """Fits, predicts and prints."""
   law = scaling.get_law(args.form)
   options = scaling.FitOptions(n_boot=args.n_boot, delta=args.delta, seed=args.seed,
                                n_starts=args.n_starts or None)
@@ -77,17 +77,11 @@ def run(args) -> dict:
           + inside)
   print(f'relative error: mean |e| {100 * np.mean(np.abs(errors)):.2f}%, '
         f'max {100 * np.max(np.abs(errors)):.2f}%; intervals cover {summary["coverage"]:.0%}')
-  return summary
+  return 0
 
 
 def main(argv=None) -> int:
-  args = _parser().parse_args(argv)
-  try:
-    run(args)
-  except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  return 0
+  return cli.run_tool(run, _parser(), argv)
 
 
 if __name__ == '__main__':

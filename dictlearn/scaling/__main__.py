@@ -20,16 +20,16 @@ Hoffmann et al.'s runs as digitised by Epoch AI (Besiroglu et al. 2024):
 """
 import argparse
 import json
-import logging
 import pathlib
 import sys
 
 import numpy as np
 
+from dictlearn import cli
 from dictlearn.scaling import fit as fit_lib
 from dictlearn.scaling import laws
 from dictlearn.scaling.records import GROUP_COLUMNS, column, default_group_column, law_inputs
-from dictlearn.scaling.records import load_records, select
+from dictlearn.scaling.records import load_records, select, where_flag
 
 def _floats(text: str) -> list[float]:
   try:
@@ -38,13 +38,12 @@ def _floats(text: str) -> list[float]:
     raise argparse.ArgumentTypeError(f'expected comma-separated numbers, got {text!r}') from None
 
 
-def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog='python -m dictlearn.scaling', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+def _parser() -> cli.ArgumentParser:
+  parser = cli.ArgumentParser(prog='python -m dictlearn.scaling', description=__doc__)
   sub = parser.add_subparsers(dest='command', required=True)
   f = sub.add_parser('fit', help='fit a law, bootstrap it, validate it, plan with it')
   f.add_argument('results', help='JSONL (one record per run and eval point) or CSV file')
-  f.add_argument('--form', default='chinchilla', help=f'law: one of {sorted(laws.LAWS)}')
+  f.add_argument('--form', default='chinchilla', choices=sorted(laws.LAWS), help='law to fit')
   f.add_argument('--target', default='loss', help='column to fit (loss, fvu, mse, ...)')
   f.add_argument('--n-column', default='n_latents', help='column of the dictionary (model) size')
   f.add_argument('--tokens-column', default='tokens', help='column of training tokens')
@@ -66,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
   f.add_argument('--k', type=float, default=None,
                  help='active latents for sae_sparse compute and for plans of laws with k '
                       '(default: the most common k in the data)')
-  f.add_argument('--where', action='append', default=[], metavar='COND',
+  f.add_argument('--where', action='append', default=[], metavar='COND', type=where_flag,
                  help="fit only the records where COND holds, e.g. 'n_latents<=32768' or "
                       "'k==32' (<=, >=, <, >, ==, !=; repeat for AND)")
   f.add_argument('--drop-highest', type=int, default=0,
@@ -184,16 +183,14 @@ def run_fit(args) -> fit_lib.FitResult:
   return result
 
 
-def main(argv=None) -> int:
-  # The fit's diagnostics are part of the printed report; log only errors.
-  logging.basicConfig(level=logging.ERROR, format='%(levelname)s %(message)s')
-  args = _parser().parse_args(argv)
-  try:
-    run_fit(args)
-  except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+def _main(args) -> int:
+  run_fit(args)
   return 0
+
+
+def main(argv=None) -> int:
+  """python -m dictlearn.scaling fit RESULTS [flags]; see --help."""
+  return cli.run_tool(_main, _parser(), argv)
 
 
 if __name__ == '__main__':

@@ -35,6 +35,7 @@ CORRELATION_WARNING = 0.95
 WILD_SPREAD_WARNING = 3.0
 
 Array = np.ndarray
+log = logging.getLogger(__name__)
 
 __all__ = ['CORRELATION_WARNING', 'DEFAULT_TARGETS', 'FitOptions', 'FitResult', 'LOSSES',
            'PlanOptions', 'PointFit', 'REDUCTIONS', 'WILD_SPREAD_WARNING', 'bootstrap_spreads',
@@ -143,8 +144,8 @@ def _point_estimate(law: laws_lib.Law, x: dict[str, Array], y: Array, options: F
     delta, scale = optimize.huber_delta(problem, weights, grid, options.n_starts, rng)
     problem = dataclasses.replace(problem, delta=delta)
   point = optimize.multistart(problem, weights, grid, options.n_starts, rng)
-  logging.info('%s: objective %.6g from %d starts (converged: %s)', law.name, point.objective,
-               point.n_starts, point.converged)
+  log.info('%s: objective %.6g from %d starts (converged: %s)', law.name, point.objective,
+           point.n_starts, point.converged)
   return _Estimate(problem, point, scale)
 
 
@@ -626,8 +627,8 @@ def fit_law(law: laws_lib.Law | str, inputs: Mapping[str, Any], y: Any, *, targe
   n_units = y.size if groups is None else len(np.unique(groups))
   warnings = _diagnostics(law, samples, not_converged, spreads, est.point, n_units,
                           options.level, validation, table)
-  for w in warnings:
-    logging.warning('%s fit: %s', law.name, w)
+  for w in warnings:  # in the result and its report; the log keeps them too
+    log.info('%s fit: %s', law.name, w)
   return FitResult(
       law=law, theta=est.point.theta,
       estimate={n: float(v) for n, v in zip(law.display_names, law.natural(est.point.theta))},

@@ -23,6 +23,7 @@ from dictlearn.scaling import laws as laws_lib
 from dictlearn.scaling.fit import FitResult
 
 _MAX_SERIES = 8
+log = logging.getLogger(__name__)
 
 
 def _heldout_mask(result: FitResult) -> np.ndarray:
@@ -84,7 +85,7 @@ def _loss_vs_size(result: FitResult) -> Figure:
 def _frontier(result: FitResult) -> Figure | None:
   """Compute-optimal n_latents and tokens against the budget, with bootstrap bands."""
   if result.compute is None or not {'n_latents', 'tokens'} <= set(result.law.inputs):
-    logging.info('no compute-optimal frontier to plot for law %r', result.law.name)
+    log.info('no compute-optimal frontier to plot for law %r', result.law.name)
     return None
   data_c = result.compute.flops(result.inputs['n_latents'], result.inputs['tokens'])
   top = max([data_c.max()] + [row['flops'] for row in result.plan.get('budgets', [])])
@@ -128,7 +129,7 @@ def _extrapolation(result: FitResult) -> Figure | None:
   at `result.fixed`.
   """
   if 'tokens' in result.law.inputs and result.compute is None:
-    logging.info('no compute model: no compute-optimal extrapolation to plot')
+    log.info('no compute model: no compute-optimal extrapolation to plot')
     return None
   n_data = result.inputs['n_latents']
   targets = [row['n_latents'] for row in (result.plan or {}).get('targets', [])]

@@ -8,6 +8,7 @@ A condition is `FIELD OP VALUE` with OP one of <=, >=, <, >, ==, != (= means
 ==). When VALUE is a number the field is compared as a number; otherwise only
 == and != apply, to the field as text. Nothing is evaluated.
 """
+import argparse
 import csv
 import dataclasses
 import json
@@ -136,6 +137,15 @@ def parse_condition(text: str) -> Condition:
       raise ValueError(f'--where {text!r}: {op} needs a number, got {raw!r}; text fields take '
                        'only == and !=') from None
   return Condition(field, op, value, text)
+
+
+def where_flag(text: str) -> str:
+  """The argparse `type` of a --where flag: `text`, once it parses (else a usage error)."""
+  try:
+    parse_condition(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
+  return text
 
 
 def select(records: list[dict], conditions: Sequence[str], path: str) -> list[dict]:
