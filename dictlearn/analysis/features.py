@@ -211,11 +211,9 @@ def restore_params(run, mesh):
 
 
 def language_model_path(manifest):
-  """The GGUF file a harvested store came from, or None (synthetic data)."""
-  extra = (manifest or {}).get('extra') or {}
-  if 'harvest' not in extra:
-    return None
-  return harvest.resolve_model_path(extra['harvest']['model'])
+  """The model (GGUF file or Hugging Face directory) a harvested store came from, or None
+  (synthetic data); see `harvest.harvested_model_path`."""
+  return harvest.harvested_model_path(manifest)
 
 
 def load_language_model(manifest, with_tokenizer=True):
@@ -223,7 +221,7 @@ def load_language_model(manifest, with_tokenizer=True):
   path = language_model_path(manifest)
   if path is None:
     return None
-  return lm.load_gguf(path, with_tokenizer=with_tokenizer)
+  return lm.load_model(path, with_tokenizer=with_tokenizer)
 
 
 def features_dir(workdir):
