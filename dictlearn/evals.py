@@ -193,8 +193,8 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, *, eval_batches: 
       dense_threshold=config.sae.dense_threshold)}
   extra = reader.manifest.get('extra') or {}
   if ce_contexts > 0 and 'harvest' in extra:
-    lm_cfg, lm_params, _ = lm_model or lm.load_gguf(
-        harvest.resolve_model_path(extra['harvest']['model']), with_tokenizer=False)
+    lm_cfg, lm_params, _ = lm_model or lm.load_model(
+        harvest.harvested_model_path(reader.manifest), with_tokenizer=False)
     contexts = heldout_contexts(reader, heldout, extra['context_length'], extra['bos_id'],
                                 ce_contexts)
     out.update(ce_loss_recovered(sae, state['params'], state['buffers'], lm_cfg, lm_params,
