@@ -7,11 +7,17 @@ alone. The prefill runs the same blocks as `llama.forward` and writes every
 layer's keys and values into a cache preallocated for prompt + new tokens;
 then a `lax.while_loop` decodes one token per step until `max_new_tokens` or
 until every row has produced eos. Prefill and loop are one jitted program per
-(batch, prompt bucket, max_new_tokens, sampling mode, patches).
+(batch, prompt bucket, max_new_tokens, sampling mode, static parts of the patches);
+the arrays of `interventions` are traced, so a sweep over strengths compiles once.
 
-Patches (`{site: fn}`, as in `forward`) apply in the prefill and in every
-decoding step, where the activation has sequence length 1: steering with a
-vector added to the residual stream works unchanged.
+Patches (`{site: fn}` and `interventions`, as in `forward`) apply in the prefill
+and in every decoding step, where the activation has sequence length 1. They see
+each position's `TokenInfo`: in the prefill the prompt (generated False, padding
+not valid), in a decoding step the one token fed, at its absolute position
+(the prompt's real length + its index among the generated tokens), generated
+True; so a patch can act on the prompt only, on the generated tokens only, or
+on a window of positions, exactly as `forward(..., prompt_lengths=...)` does
+over the same prompt and completion.
 """
 import functools
 from typing import Mapping, Optional, Sequence
@@ -51,12 +57,12 @@ def _next_token(logits, rng, *, greedy: bool, temperature, top_k: int, top_p: fl
 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'max_new_tokens', 'greedy', 'top_k',
-                                             'top_p', 'patch_items'))
-def _generate_jit(params, tokens, prompt_mask, rng, temperature, eos_id, pad_id, *, cfg,
-                  max_new_tokens, greedy, top_k, top_p, patch_items):
+                                             'top_p'))
+def _generate_jit(params, tokens, prompt_mask, rng, temperature, eos_id, pad_id, patches, *,
+                  cfg, max_new_tokens, greedy, top_k, top_p):
   b, p = tokens.shape
   max_len = p + max_new_tokens
-  hooks = llama._group_hooks(cfg, (), patch_items)
+  hooks = llama.group_hooks(cfg, (), patches)
   dtype = params['embed'].dtype
   shape = (cfg.n_layers, b, cfg.n_kv_heads, max_len, cfg.head_dim)
   cache = {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
@@ -64,8 +70,8 @@ def _generate_jit(params, tokens, prompt_mask, rng, temperature, eos_id, pad_id,
                            top_p=top_p)
 
   # ---- prefill: the whole prompt, keys and values into cache[:, :, :p] ----
-  h, _, cache = llama._run(params, cfg, tokens, prompt_mask, None, hooks, n_run=cfg.n_layers,
-                           cache=cache, write_index=0)
+  h, _, cache = llama.forward_hidden(params, cfg, tokens, prompt_mask, None, hooks,
+                                    n_run=cfg.n_layers, cache=cache, write_index=0)
   logits = llama.unembed(params, cfg, h[:, -1:])[:, 0]
   rng, sub = jax.random.split(rng)
   first = pick(logits, sub)
@@ -85,9 +91,10 @@ def _generate_jit(params, tokens, prompt_mask, rng, temperature, eos_id, pad_id,
     token = jax.lax.dynamic_index_in_dim(out, i - 1, axis=1)  # (b, 1)
     key_valid = jax.lax.dynamic_update_index_in_dim(key_valid, jnp.ones((b,), bool), slot, 1)
     positions = (prompt_len + i - 1)[:, None]
-    h, _, cache = llama._run(params, cfg, token, None, positions, hooks, n_run=cfg.n_layers,
-                             cache=cache, write_index=slot, attend_cache=True,
-                             key_mask=key_valid[:, None, :])
+    h, _, cache = llama.forward_hidden(params, cfg, token, None, positions, hooks,
+                                      n_run=cfg.n_layers, generated=jnp.ones((b, 1), bool),
+                                      cache=cache, write_index=slot, attend_cache=True,
+                                      key_mask=key_valid[:, None, :])
     logits = llama.unembed(params, cfg, h)[:, 0]
     rng, sub = jax.random.split(rng)
     nxt = jnp.where(done, pad_id, pick(logits, sub))
@@ -121,6 +128,7 @@ def generate(params: llama.Params, cfg: llama.LlamaConfig, prompts: Sequence[Seq
              max_new_tokens: int, eos_id: Optional[int], pad_id: int = 0,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              patches: Optional[Mapping[str, llama.PatchFn]] = None,
+             interventions: Sequence[llama.Patch] = (),
              prompt_bucket: int = PROMPT_BUCKET) -> list[list[int]]:
   """Continues each prompt; greedy when temperature is 0, sampled otherwise.
 
@@ -136,6 +144,9 @@ def generate(params: llama.Params, cfg: llama.LlamaConfig, prompts: Sequence[Seq
     top_p: sample from the smallest set of tokens with this much mass (1: all).
     seed: sampling seed.
     patches: {site: fn} applied in the prefill and every decoding step.
+    interventions: `Patch` objects (`dictlearn.analysis.steering`), applied
+      after `patches`, in order; their arrays are traced (no recompilation for
+      new values of the same shapes).
     prompt_bucket: prompts are left-padded to a multiple of this (1: to the
       longest prompt exactly); fewer distinct lengths, fewer compilations.
 
@@ -143,8 +154,9 @@ def generate(params: llama.Params, cfg: llama.LlamaConfig, prompts: Sequence[Seq
     For each prompt, the new tokens, cut before the first eos.
 
   Raises:
-    ValueError: empty prompt, a context longer than `cfg.context_length`, or
-      bad sampling arguments.
+    ValueError: empty prompt, a context longer than `cfg.context_length`, bad
+      sampling arguments, an unknown site or an intervention that does not fit
+      the model.
   """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError('generate needs at least one prompt and no empty prompt '
@@ -158,13 +170,13 @@ def generate(params: llama.Params, cfg: llama.LlamaConfig, prompts: Sequence[Seq
   if tokens.shape[1] + max_new_tokens > cfg.context_length:
     raise ValueError(f'Prompt ({tokens.shape[1]} padded) + {max_new_tokens} new tokens exceeds '
                      f'the context length {cfg.context_length}.')
-  patch_items = tuple(sorted((patches or {}).items(), key=lambda item: item[0]))
-  llama._group_hooks(cfg, (), patch_items)  # validate site names eagerly
+  patch_list = llama.as_patches(patches, interventions)
+  llama.group_hooks(cfg, (), patch_list)  # validate sites and patches eagerly
   out = _generate_jit(params, jnp.asarray(tokens), jnp.asarray(mask),
                       jax.random.PRNGKey(seed), jnp.float32(max(temperature, 1e-6)),
-                      jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id), cfg=cfg,
-                      max_new_tokens=int(max_new_tokens), greedy=temperature == 0,
-                      top_k=int(top_k), top_p=float(top_p), patch_items=patch_items)
+                      jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id), patch_list,
+                      cfg=cfg, max_new_tokens=int(max_new_tokens), greedy=temperature == 0,
+                      top_k=int(top_k), top_p=float(top_p))
   out = np.asarray(out)
   results = []
   for row in out:
@@ -185,7 +197,8 @@ def chat(params: llama.Params, cfg: llama.LlamaConfig, tokenizer, messages, *,
     messages: a user message (str), a chat (list of {'role', 'content'}), or a
       list of either.
     max_new_tokens: tokens generated at most per reply.
-    **kwargs: passed to `generate` (temperature, top_k, top_p, seed, patches).
+    **kwargs: passed to `generate` (temperature, top_k, top_p, seed, patches,
+      interventions).
 
   Returns:
     One reply per chat.

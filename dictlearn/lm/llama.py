@@ -12,11 +12,18 @@ TransformerLens names:
     blocks.{L}.hook_resid_post      residual stream leaving block L
     ln_final.hook_normalized        final RMSNorm output (the input of the unembedding)
 
-A site can be read (`read_sites`) or patched (`patches={site: fn}`, `fn(x) ->
-x'` applied to the activation before anything downstream sees it). Layers that
-carry a hook run on their own, between scans over the plain layers around them
-(`scan [0, L)`, `layer L`, `scan (L, n)`), so a hook costs nothing at run time
-and only one extra layer body at compile time.
+A site can be read (`read_sites`) or patched. A patch is a `Patch`: an object
+bound to one site, called as `patch(x, tokens) -> x'` on the activation before
+anything downstream sees it, with `tokens` (a `TokenInfo`) saying for every
+position its token id, its position, whether it was generated and whether it is
+real or padding. Patches are frozen dataclasses registered as JAX pytrees: their
+arrays (strengths, vectors, bounds) are traced arguments of the compiled program,
+the rest (the site, which positions) is static, so a sweep over strengths
+compiles once (`dictlearn.analysis.steering` holds the interventions). A plain
+function `fn(x) -> x'` (`patches={site: fn}`) is a `FunctionPatch`, static by
+identity. Layers that carry a hook run on their own, between scans over the
+plain layers around them (`scan [0, L)`, `layer L`, `scan (L, n)`), so a hook
+costs nothing at run time and only one extra layer body at compile time.
 
 Parameters (`params`), as built by `dictlearn.lm.load_model` (GGUF or Hugging Face):
 
@@ -130,17 +137,66 @@ def parse_site(site: str, n_layers: int) -> tuple[Optional[int], str]:
       f'{", ".join(valid)}.' + (f' Did you mean {close}?' if close else ''))
 
 
-class _Hooks(NamedTuple):
+class TokenInfo(NamedTuple):
+  """What a patch knows about the positions it changes; every field (batch, seq).
+
+  Attributes:
+    tokens: int32 token ids.
+    positions: int32 position of each token in its sequence, counting real
+      tokens only (left padding shifts nothing); the rotary positions.
+    generated: bool, the token was generated (it follows the prompt).
+    valid: bool, a real token (False for padding).
+  """
+  tokens: jax.Array
+  positions: jax.Array
+  generated: jax.Array
+  valid: jax.Array
+
+
+class Patch:
+  """What changes the activation at one hook site: `patch(x, tokens) -> x'`.
+
+  Subclasses are frozen dataclasses registered as JAX pytrees
+  (`jax.tree_util.register_dataclass`), with a static `site`: their array fields
+  are traced arguments of the compiled program, their static fields part of its
+  key. `__call__` gets the activation x (batch, seq, d_model) and a `TokenInfo`
+  and returns an array of x's shape (cast back to x's dtype). `check` runs
+  eagerly, before tracing, and raises ValueError for a patch that does not fit
+  the model (a vector of the wrong width).
+  """
+  site: str
+
+  def __call__(self, x: jax.Array, tokens: TokenInfo) -> jax.Array:
+    raise NotImplementedError
+
+  def check(self, cfg: 'LlamaConfig') -> None:
+    del cfg
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=[],
+                   meta_fields=['site', 'fn'])
+@dataclasses.dataclass(frozen=True)
+class FunctionPatch(Patch):
+  """A plain function `fn(x) -> x'` at `site`; part of the compiled program's key by identity."""
+  site: str
+  fn: PatchFn
+
+  def __call__(self, x, tokens):
+    del tokens
+    return self.fn(x)
+
+
+class Hooks(NamedTuple):
   """Reads and patches of one layer (or of the global sites), keyed by kind."""
   reads: frozenset
-  patches: Mapping[str, PatchFn]
+  patches: Mapping[str, tuple]  # kind -> Patch objects, applied in order
 
-  def apply(self, kind: str, x: jax.Array, acts: dict) -> jax.Array:
-    fn = self.patches.get(kind)
-    if fn is not None:
-      y = fn(x)
+  def apply(self, kind: str, x: jax.Array, acts: dict, tokens: TokenInfo) -> jax.Array:
+    """Applies the patches at `kind` to x, records x if `kind` is read; returns x."""
+    for patch in self.patches.get(kind, ()):
+      y = patch(x, tokens)
       if getattr(y, 'shape', None) != x.shape:
-        raise ValueError(f'The patch at {kind!r} returned shape '
+        raise ValueError(f'The patch {type(patch).__name__} at {patch.site!r} returned shape '
                          f'{getattr(y, "shape", type(y))}; expected {x.shape}.')
       x = y.astype(x.dtype)
     if kind in self.reads:
@@ -148,22 +204,51 @@ class _Hooks(NamedTuple):
     return x
 
 
-_NO_HOOKS = _Hooks(frozenset(), {})
+NO_HOOKS = Hooks(frozenset(), {})
 
 
-def _group_hooks(cfg: LlamaConfig, read_sites: Sequence[str],
-                 patches: Sequence[tuple[str, PatchFn]]) -> dict:
-  """Groups sites by layer: {layer or None: _Hooks}."""
+def as_patches(patches: Optional[Mapping[str, PatchFn]] = None,
+               interventions: Sequence[Patch] = ()) -> tuple:
+  """One tuple of `Patch` objects: the functions of `patches` (sorted by site), then `interventions`.
+
+  Raises:
+    TypeError: a function patch that is not callable, or an intervention that is not a `Patch`.
+  """
+  out = []
+  for site, fn in sorted((patches or {}).items(), key=lambda item: str(item[0])):
+    if not callable(fn):
+      raise TypeError(f'The patch for site {site!r} must be a callable fn(x) -> x, got {type(fn)}.')
+    out.append(FunctionPatch(site, fn))
+  for patch in interventions:
+    if not isinstance(patch, Patch):
+      raise TypeError(f'An intervention must be a dictlearn.lm.llama.Patch (see '
+                      f'dictlearn.analysis.steering), got {type(patch)}.')
+    out.append(patch)
+  return tuple(out)
+
+
+def group_hooks(cfg: LlamaConfig, read_sites: Sequence[str], patches: Sequence[Patch]) -> dict:
+  """Groups read sites and patches by layer: {layer or None: Hooks}.
+
+  Args:
+    cfg: the model.
+    read_sites: hook sites to record.
+    patches: `Patch` objects (see `as_patches`); several at one site apply in order.
+
+  Raises:
+    ValueError: an unknown site name (listing the valid ones), or a patch whose
+      `check` refuses the model.
+  """
   reads, fns = {}, {}
   for site in read_sites:
     layer, kind = parse_site(site, cfg.n_layers)
     reads.setdefault(layer, set()).add(kind)
-  for site, fn in patches:
-    layer, kind = parse_site(site, cfg.n_layers)
-    if not callable(fn):
-      raise TypeError(f'The patch for site {site!r} must be a callable fn(x) -> x, got {type(fn)}.')
-    fns.setdefault(layer, {})[kind] = fn
-  return {layer: _Hooks(frozenset(reads.get(layer, ())), fns.get(layer, {}))
+  for patch in patches:
+    layer, kind = parse_site(patch.site, cfg.n_layers)
+    patch.check(cfg)
+    kinds = fns.setdefault(layer, {})
+    kinds[kind] = kinds.get(kind, ()) + (patch,)
+  return {layer: Hooks(frozenset(reads.get(layer, ())), fns.get(layer, {}))
           for layer in set(reads) | set(fns)}
 
 
@@ -225,15 +310,16 @@ class _Context(NamedTuple):
   cos: jax.Array
   sin: jax.Array
   mask: jax.Array  # (batch, seq, keys) bool
+  tokens: TokenInfo  # what patches see
   write_index: Any = 0  # where the new keys/values go in the cache
   attend_cache: bool = False  # attend over the whole cache instead of the new keys
 
 
-def _block(cfg: LlamaConfig, lp: Params, x, ctx: _Context, layer, hooks: _Hooks,
+def _block(cfg: LlamaConfig, lp: Params, x, ctx: _Context, layer, hooks: Hooks,
            cache: Optional[dict]):
   """One transformer block. Returns (x, cache, {kind: activation})."""
   acts = {}
-  x = hooks.apply('hook_resid_pre', x, acts)
+  x = hooks.apply('hook_resid_pre', x, acts, ctx.tokens)
 
   h = rms_norm(x, lp['attn_norm'], cfg.rms_eps)
   q = jnp.einsum('btd,dhk->bthk', h, lp['wq'])
@@ -256,15 +342,15 @@ def _block(cfg: LlamaConfig, lp: Params, x, ctx: _Context, layer, hooks: _Hooks,
       v = jax.lax.dynamic_index_in_dim(cache['v'], layer, 0, keepdims=False)
   attn = _attend(cfg, q, k, v, ctx.mask)
   attn_out = jnp.einsum('bthk,hkd->btd', attn, lp['wo'])
-  attn_out = hooks.apply('hook_attn_out', attn_out, acts)
-  x = hooks.apply('hook_resid_mid', x + attn_out, acts)
+  attn_out = hooks.apply('hook_attn_out', attn_out, acts, ctx.tokens)
+  x = hooks.apply('hook_resid_mid', x + attn_out, acts, ctx.tokens)
 
   h = rms_norm(x, lp['mlp_norm'], cfg.rms_eps)
   gate = jnp.einsum('btd,df->btf', h, lp['w_gate'])
   up = jnp.einsum('btd,df->btf', h, lp['w_up'])
   mlp_out = jnp.einsum('btf,fd->btd', jax.nn.silu(gate) * up, lp['w_down'])
-  mlp_out = hooks.apply('hook_mlp_out', mlp_out, acts)
-  x = hooks.apply('hook_resid_post', x + mlp_out, acts)
+  mlp_out = hooks.apply('hook_mlp_out', mlp_out, acts, ctx.tokens)
+  x = hooks.apply('hook_resid_post', x + mlp_out, acts, ctx.tokens)
   return x, cache, acts
 
 
@@ -275,7 +361,7 @@ def _layer_params(layers: Params, layer) -> Params:
 
 
 def _run_layers(cfg: LlamaConfig, layers: Params, x, ctx: _Context, n_run: int,
-                hooks: Mapping[Optional[int], _Hooks], cache: Optional[dict]):
+                hooks: Mapping[Optional[int], Hooks], cache: Optional[dict]):
   """Runs blocks [0, n_run): scans over plain layers, hooked layers on their own."""
   acts = {}
   hooked = sorted(layer for layer in hooks if layer is not None and layer < n_run)
@@ -286,7 +372,7 @@ def _run_layers(cfg: LlamaConfig, layers: Params, x, ctx: _Context, n_run: int,
 
     def body(carry, layer):
       x, cache = carry
-      x, cache, _ = _block(cfg, _layer_params(layers, layer), x, ctx, layer, _NO_HOOKS, cache)
+      x, cache, _ = _block(cfg, _layer_params(layers, layer), x, ctx, layer, NO_HOOKS, cache)
       return (x, cache), None
 
     (x, cache), _ = jax.lax.scan(body, (x, cache), jnp.arange(start, stop))
@@ -303,7 +389,7 @@ def _run_layers(cfg: LlamaConfig, layers: Params, x, ctx: _Context, n_run: int,
   return x, cache, acts
 
 
-def _deepest_layer(hooks: Mapping[Optional[int], _Hooks]) -> int:
+def _deepest_layer(hooks: Mapping[Optional[int], Hooks]) -> int:
   """Blocks needed to produce every read site (-1 when only global sites are read)."""
   deepest = -1
   for layer, h in hooks.items():
@@ -324,12 +410,33 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def _run(params, cfg, tokens, attention_mask, positions, hooks, *, n_run, cache=None,
-         write_index=0, attend_cache=False, key_mask=None):
+def forward_hidden(params: Params, cfg: LlamaConfig, tokens: jax.Array,
+                   attention_mask: Optional[jax.Array], positions: Optional[jax.Array],
+                   hooks: Mapping[Optional[int], Hooks], *, n_run: int,
+                   generated: Optional[jax.Array] = None, cache: Optional[dict] = None,
+                   write_index=0, attend_cache: bool = False,
+                   key_mask: Optional[jax.Array] = None):
   """Embedding, blocks [0, n_run) and, when n_run == n_layers, the final norm.
 
-  Returns (hidden states or None, activations, cache). `key_mask` (batch, keys)
-  replaces the default causal mask over the call's own tokens (cache decoding).
+  The traceable core of `forward` and of cached generation (`dictlearn.lm.generate`).
+
+  Args:
+    params, cfg: the model.
+    tokens: int (batch, seq) token ids of this call.
+    attention_mask: (batch, seq) real tokens (None: all real).
+    positions: int (batch, seq) rotary positions (None: from the mask).
+    hooks: `group_hooks(...)` of the reads and patches.
+    n_run: blocks to run.
+    generated: bool (batch, seq), tokens that follow the prompt, for patches (None: none).
+    cache: {'k', 'v'} of (n_layers, batch, n_kv_heads, max_len, head_dim), or None.
+    write_index: cache slot of this call's first token.
+    attend_cache: attend over the whole cache rather than this call's keys.
+    key_mask: bool (batch, seq, keys), replaces the causal mask over this call's
+      own tokens (cache decoding).
+
+  Returns:
+    (hidden states after the final norm, or None when n_run < n_layers;
+     {site: activation}; the updated cache).
   """
   b, t = tokens.shape
   if attention_mask is None:
@@ -337,36 +444,46 @@ def _run(params, cfg, tokens, attention_mask, positions, hooks, *, n_run, cache=
   attention_mask = attention_mask.astype(bool)
   if positions is None:
     positions = positions_from_mask(attention_mask)
+  if generated is None:
+    generated = jnp.zeros((b, t), dtype=bool)
   cos, sin = rope_tables(cfg, positions)
   if key_mask is None:
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))
     mask = causal[None] & attention_mask[:, None, :]
   else:
     mask = key_mask
-  ctx = _Context(cos, sin, mask, write_index, attend_cache)
+  info = TokenInfo(tokens, positions.astype(jnp.int32), generated.astype(bool), attention_mask)
+  ctx = _Context(cos, sin, mask, info, write_index, attend_cache)
 
-  global_hooks = hooks.get(None, _NO_HOOKS)
+  global_hooks = hooks.get(None, NO_HOOKS)
   acts = {}
   x = jnp.take(params['embed'], tokens, axis=0)
-  x = global_hooks.apply(EMBED_SITE, x, acts)
+  x = global_hooks.apply(EMBED_SITE, x, acts, info)
   x, cache, block_acts = _run_layers(cfg, params['layers'], x, ctx, n_run, hooks, cache)
   acts.update(block_acts)
   h = None
   if n_run == cfg.n_layers:
     h = rms_norm(x, params['final_norm'], cfg.rms_eps)
-    h = global_hooks.apply(FINAL_SITE, h, acts)
+    h = global_hooks.apply(FINAL_SITE, h, acts, info)
   return h, acts, cache
 
 
-@functools.partial(jax.jit, static_argnames=('cfg', 'read_sites', 'patch_items',
-                                             'return_logits', 'stop_at_deepest'))
-def _forward_jit(params, tokens, attention_mask, positions, *, cfg, read_sites,
-                 patch_items, return_logits, stop_at_deepest):
-  hooks = _group_hooks(cfg, read_sites, patch_items)
+@functools.partial(jax.jit, static_argnames=('cfg', 'read_sites', 'return_logits',
+                                             'stop_at_deepest'))
+def _forward_jit(params, tokens, attention_mask, positions, prompt_lengths, patches, *, cfg,
+                 read_sites, return_logits, stop_at_deepest):
+  hooks = group_hooks(cfg, read_sites, patches)
   n_run = cfg.n_layers
   if not return_logits and stop_at_deepest and FINAL_SITE not in read_sites:
     n_run = _deepest_layer(hooks) + 1
-  h, acts, _ = _run(params, cfg, tokens, attention_mask, positions, hooks, n_run=n_run)
+  generated = None
+  if prompt_lengths is not None:
+    if positions is None:
+      mask = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask
+      positions = positions_from_mask(mask)
+    generated = positions >= prompt_lengths[:, None]
+  h, acts, _ = forward_hidden(params, cfg, tokens, attention_mask, positions, hooks, n_run=n_run,
+                              generated=generated)
   logits = unembed(params, cfg, h) if return_logits else None
   return logits, acts
 
@@ -376,15 +493,17 @@ def forward(params: Params, cfg: LlamaConfig, tokens: jax.Array, *,
             positions: Optional[jax.Array] = None,
             read_sites: Sequence[str] = (),
             patches: Optional[Mapping[str, PatchFn]] = None,
+            interventions: Sequence[Patch] = (),
+            prompt_lengths: Optional[jax.Array] = None,
             return_logits: bool = True,
             stop_at_deepest: bool = True) -> tuple[Optional[jax.Array], dict]:
   """Runs the model; reads and patches hook sites.
 
-  Compiled once per (shapes, cfg, read sites, patch functions, flags). A patch
-  function is part of that key by identity: reuse the same function object to
-  reuse the compiled program. To vary a patch's values (a steering vector)
-  without recompiling, call `forward` inside your own `jax.jit` and close the
-  function over the traced value.
+  Compiled once per (shapes, cfg, read sites, the static parts of the patches,
+  flags). The arrays of `interventions` are traced: new strengths, vectors or
+  bounds of the same shapes reuse the compiled program. A function of `patches`
+  is part of the key by identity: reuse the same function object to reuse the
+  program.
 
   Args:
     params: model parameters (see the module docstring).
@@ -396,8 +515,13 @@ def forward(params: Params, cfg: LlamaConfig, tokens: jax.Array, *,
       tokens before each token (so left padding does not shift positions).
     read_sites: hook sites whose activations are returned.
     patches: {site: fn}; fn(x) -> x' replaces the activation at that site
-      (same shape; cast back to the activation dtype). Reading a patched site
-      returns the patched activation.
+      (same shape; cast back to the activation dtype). Applied before the
+      interventions at the same site.
+    interventions: `Patch` objects (`dictlearn.analysis.steering`), applied in
+      order. Reading a patched site returns the patched activation.
+    prompt_lengths: int (batch,), how many leading real tokens of each row are
+      the prompt; the tokens after them count as generated for the patches
+      (default: every token is prompt).
     return_logits: whether to compute the logits.
     stop_at_deepest: when `return_logits` is False, run only the blocks up to
       the deepest read site.
@@ -406,17 +530,23 @@ def forward(params: Params, cfg: LlamaConfig, tokens: jax.Array, *,
     (logits float32 (batch, seq, vocab) or None, {site: activation}).
 
   Raises:
-    ValueError: an unknown site name (the message lists the valid ones).
+    ValueError: an unknown site name (the message lists the valid ones), or an
+      intervention that does not fit the model.
   """
   read_sites = tuple(sorted(set(read_sites)))
-  patch_items = tuple(sorted((patches or {}).items(), key=lambda item: item[0]))
-  _group_hooks(cfg, read_sites, patch_items)  # validate eagerly, outside the trace
+  patch_list = as_patches(patches, interventions)
+  group_hooks(cfg, read_sites, patch_list)  # validate eagerly, outside the trace
   tokens = jnp.asarray(tokens, dtype=jnp.int32)
   if tokens.ndim != 2:
     raise ValueError(f'tokens must be (batch, seq), got shape {tokens.shape}.')
-  return _forward_jit(params, tokens, attention_mask, positions, cfg=cfg,
-                      read_sites=read_sites, patch_items=patch_items,
-                      return_logits=return_logits, stop_at_deepest=stop_at_deepest)
+  if prompt_lengths is not None:
+    prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
+    if prompt_lengths.shape != tokens.shape[:1]:
+      raise ValueError(f'prompt_lengths must be (batch,) = {tokens.shape[:1]}, got shape '
+                       f'{prompt_lengths.shape}.')
+  return _forward_jit(params, tokens, attention_mask, positions, prompt_lengths, patch_list,
+                      cfg=cfg, read_sites=read_sites, return_logits=return_logits,
+                      stop_at_deepest=stop_at_deepest)
 
 
 # ---- losses -----------------------------------------------------------------------
