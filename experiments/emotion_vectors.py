@@ -57,7 +57,9 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.experiment = 'emotion_vectors'  # which reproduction `dictlearn.analysis.reproduce` runs
   c.model = ''  # GGUF model file; '' = SmolLM2-135M-Instruct from the cache
-  c.emotions = EMOTIONS  # the concepts; each needs FEELINGS and EMOTION_WORDS entries
+  c.emotions = EMOTIONS  # the concepts; each needs a `feelings` and an `emotion_words` entry
+  c.feelings = ml_collections.ConfigDict(FEELINGS)  # what a story's character feels, per emotion
+  c.emotion_words = ml_collections.ConfigDict(EMOTION_WORDS)  # words the steering measures
   c.characters = CHARACTERS  # one story per (emotion, character)
   c.heldout_characters = 6  # the last this-many characters' stories are held out
   c.story_prompt = STORY_PROMPT  # chat prompt of a story; {character} and {feeling}
@@ -68,7 +70,7 @@ def get_config(arg=None):
   c.neutral_tokens = 128  # tokens read of each neutral document
   c.neutral_variance = 0.5  # share of the neutral variance projected out of the vectors
   c.steer_prompts = STEER_PROMPTS  # plain-text prompts of the steering measurement
-  c.steer_strengths = (2.0, 4.0, 8.0)  # multiples of the vector added at every position
+  c.steer_strengths = (0.25, 0.5, 1.0)  # added at every position: strength x mean residual norm x unit vector
   c.batch_size = 8  # sequences per forward pass
   c.cache_dir = ''  # cache of generated stories; '' = $DICTLEARN_CACHE or ~/.cache/dictlearn
 

@@ -29,8 +29,6 @@ log = logging.getLogger(__name__)
 # Padded lengths are multiples of this: nearby lengths share one compiled program.
 LENGTH_BUCKET = 32
 
-Chat = Sequence[Mapping[str, str]]
-
 
 def encode_texts(tokenizer, texts: Sequence[str], *, bos: bool = True) -> list[list[int]]:
   """Token ids of plain texts, each after BOS (as harvested) unless `bos` is False.
@@ -127,10 +125,12 @@ def _check_token_lists(cfg: llama.LlamaConfig, token_lists) -> None:
 
 
 def map_batches(model, token_lists: Sequence[Sequence[int]],
-                fn: Callable[[jax.Array, jax.Array], Mapping[str, jax.Array]], *,
+                fn: Callable[[jax.Array, jax.Array, list[int]], Mapping[str, jax.Array]], *,
                 batch_size: int = 8, progress: bool = False, desc: str = 'reading'
                 ) -> dict[str, list[np.ndarray]]:
-  """Applies `fn(tokens, mask) -> {name: (b, L, ...)}` to padded batches; unpads per text.
+  """Applies `fn(tokens, mask, indices) -> {name: (b, L, ...)}` to padded batches.
+
+  `indices` are the rows' positions in `token_lists` (padding rows beyond them).
 
   Returns:
     {name: one array per token list, in the input order, cut to its length}.
@@ -141,7 +141,8 @@ def map_batches(model, token_lists: Sequence[Sequence[int]],
   batches = padded_batches(token_lists, batch_size, tokenizer.pad_id)
   total = -(-len(token_lists) // batch_size)
   for indices, tokens, mask in tqdm.tqdm(batches, total=total, desc=desc, disable=not progress):
-    results = {k: np.asarray(v) for k, v in fn(jnp.asarray(tokens), jnp.asarray(mask)).items()}
+    results = fn(jnp.asarray(tokens), jnp.asarray(mask), indices)
+    results = {k: np.asarray(v) for k, v in results.items()}
     for name, value in results.items():
       rows = out.setdefault(name, [None] * len(token_lists))
       for row, i in enumerate(indices):
@@ -150,7 +151,8 @@ def map_batches(model, token_lists: Sequence[Sequence[int]],
 
 
 def read_activations(model, token_lists: Sequence[Sequence[int]], sites: Sequence[str], *,
-                     batch_size: int = 8, patches: Optional[Mapping] = None,
+                     batch_size: int = 8, interventions: Sequence = (),
+                     prompt_lengths: Optional[Sequence[int]] = None,
                      progress: bool = False) -> dict[str, list[np.ndarray]]:
   """Activations of each token sequence at each site (float32).
 
@@ -159,8 +161,10 @@ def read_activations(model, token_lists: Sequence[Sequence[int]], sites: Sequenc
     token_lists: token ids, one list per text (`encode_texts`, `encode_replies`).
     sites: hook sites (`dictlearn.lm.valid_sites`).
     batch_size: sequences per forward pass.
-    patches: {site: fn} applied during the pass (`dictlearn.lm.forward`); a patched
-      site reads its patched value.
+    interventions: `dictlearn.analysis.steering` patches applied during the pass;
+      a patched site reads its patched value.
+    prompt_lengths: per sequence, how many leading tokens are the prompt (the
+      rest count as generated for the interventions' spans); None: all prompt.
     progress: show a progress bar.
 
   Returns:
@@ -176,9 +180,14 @@ def read_activations(model, token_lists: Sequence[Sequence[int]], sites: Sequenc
   for site in sites:
     llama.parse_site(site, cfg.n_layers)
 
-  def fn(tokens, mask):
+  def fn(tokens, mask, indices):
+    lengths = None
+    if prompt_lengths is not None:
+      lengths = np.zeros(tokens.shape[0], np.int32)
+      lengths[:len(indices)] = [prompt_lengths[i] for i in indices]
     _, acts = llama.forward(params, cfg, tokens, attention_mask=mask, read_sites=sites,
-                            patches=patches, return_logits=False)
+                            interventions=interventions, prompt_lengths=lengths,
+                            return_logits=False)
     return {site: a.astype(jnp.float32) for site, a in acts.items()}
 
   return map_batches(model, token_lists, fn, batch_size=batch_size, progress=progress,
@@ -195,9 +204,11 @@ def _next_token_stats(logits, tokens):
 
 
 def next_token_stats(model, token_lists: Sequence[Sequence[int]], *, batch_size: int = 4,
-                     patches: Optional[Mapping] = None, progress: bool = False
+                     interventions: Sequence = (), progress: bool = False
                      ) -> dict[str, list[np.ndarray]]:
   """The model's next-token distribution at every position of each sequence.
+
+  `interventions` (`dictlearn.analysis.steering`) apply at every position.
 
   Returns:
     {'entropy': [float32 (n_i,)], 'nll': [float32 (n_i,)]} per sequence: at
@@ -206,8 +217,10 @@ def next_token_stats(model, token_lists: Sequence[Sequence[int]], *, batch_size:
   """
   cfg, params, _ = model
 
-  def fn(tokens, mask):
-    logits, _ = llama.forward(params, cfg, tokens, attention_mask=mask, patches=patches)
+  def fn(tokens, mask, indices):
+    del indices
+    logits, _ = llama.forward(params, cfg, tokens, attention_mask=mask,
+                              interventions=interventions)
     return _next_token_stats(logits, tokens)
 
   return map_batches(model, token_lists, fn, batch_size=batch_size, progress=progress,

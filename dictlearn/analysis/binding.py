@@ -94,7 +94,8 @@ def model_answers(model, stories, attributes, *, batch_size: int) -> float:
   cfg, params, tokenizer = model
   attribute_ids = jnp.asarray([tokenizer.encode(' ' + a)[0] for a in attributes])
 
-  def fn(tokens, mask):
+  def fn(tokens, mask, indices):
+    del indices
     logits, _ = llama.forward(params, cfg, tokens, attention_mask=mask)
     return {'logits': logits[..., attribute_ids]}
 

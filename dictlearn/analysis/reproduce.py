@@ -15,12 +15,16 @@ import time
 
 from dictlearn import harvest
 from dictlearn.analysis import binding
+from dictlearn.analysis import emotions
 from dictlearn.analysis import on_policy
+from dictlearn.analysis import persona
 from dictlearn.lm import gguf as gguf_lib
 
 log = logging.getLogger(__name__)
 
 EXPERIMENTS = {
+    'emotion_vectors': emotions,
+    'persona_axis': persona,
     'on_policy': on_policy,
     'entity_binding': binding,
 }

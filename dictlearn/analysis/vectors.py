@@ -28,6 +28,7 @@ import numpy as np
 
 from dictlearn.analysis import activations
 from dictlearn.analysis import texts as texts_lib
+from dictlearn.analysis import vectors_io
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +190,26 @@ class Readout:
   def format(self, width: int = 8) -> str:
     """One `token  value` line per token."""
     return '\n'.join(f'{t!r:>{width + 2}}  {v:+9.3f}' for t, v in zip(self.tokens, self.values))
+
+
+def load_vector(path: str, name: str, cfg, model_path: Optional[str] = None
+                ) -> tuple[np.ndarray, str]:
+  """One named vector of a vector file (`vectors_io`) and its site, checked against the model.
+
+  Args:
+    path: the vector file.
+    name: the vector's name in it.
+    cfg: the model at hand; the file must have been made with it.
+    model_path: the model's file, whose SHA-256 is compared when the file has one.
+
+  Raises:
+    ValueError: vectors from another model or of another width, or no vector
+      `name` (the message lists the file's names).
+  """
+  saved = vectors_io.load_vectors(path, vectors_io.model_identity(cfg, model_path))
+  if name not in saved.vectors:
+    raise ValueError(f'{path} has no vector {name!r}; it holds {sorted(saved.vectors)}.')
+  return saved.vectors[name], saved.site
 
 
 def readout(model, text: str, vector: np.ndarray, site: str, *, bos: bool = True) -> Readout:
