@@ -1,18 +1,20 @@
 """On-policy recognition: is SmolLM2 surer of its own replies than of another writer's?
 
-For 16 chat prompts, the model reads three replies in the assistant turn: its own
-sampled reply (temperature 1, its true distribution), its own greedy reply, and a
-reply written by hand for this file (another source, off-policy). At each reply
+For 16 chat prompts, the model reads four replies in the assistant turn: three of
+its own (sampled at temperature 1, its true distribution; sampled at 0.8 with
+top-p 0.95, the chat setting of the `generated` corpus; greedy) and a reply
+written by hand for this file (another source, off-policy). At each reply
 token the entropy of the model's next-token distribution is measured; each
-prompt's replies are cut to a common length (the shortest of the three, at most
+prompt's replies are cut to a common length (the shortest of the four, at most
 `max_tokens`) so that position in the reply weighs the same for every source.
 Reported: mean entropy (nats) and mean negative log-likelihood per source, the
-ratio off-policy / on-policy, and for how many prompts the off-policy reply has
-the higher mean entropy.
+entropy ratio off-policy / on-policy, for how many prompts the off-policy reply
+has the higher mean entropy, and NLL minus entropy (zero in expectation on the
+model's own temperature-1 samples, whatever their entropy).
 
     python -m dictlearn.analysis.reproduce --config experiments/on_policy.py --out runs/on_policy
 
-Hardware and time: 2 CPU cores; the first run generates the 32 model replies (up
+Hardware and time: 2 CPU cores; the first run generates the 48 model replies (up
 to 96 tokens) and caches them, about 2 minutes on a quiet machine; the
 measurement itself takes seconds. Expected: see README.md, "On-policy
 recognition" (the model's own replies have markedly lower entropy).
@@ -109,18 +111,21 @@ def get_config(arg=None):
   c.batch_size = 4  # sequences per forward pass (the logits are vocabulary-wide)
   c.cache_dir = ''  # cache of the model's replies; '' = $DICTLEARN_CACHE or ~/.cache/dictlearn
 
-  c.sampling = ml_collections.ConfigDict()  # the model's own replies (the cache key)
+  # The model's own replies, one source per (temperature, top_p): its unfiltered
+  # distribution, the chat sampling of the `generated` corpus, and greedy.
+  c.on_policy = ((1.0, 1.0), (0.8, 0.95), (0.0, 1.0))
+  c.sampling = ml_collections.ConfigDict()  # the rest of the replies' settings (the cache key)
   c.sampling.max_new_tokens = 96  # tokens per reply at most
-  c.sampling.temperature = 1.0  # sampled replies: the model's own distribution, unfiltered
-  c.sampling.top_p = 1.0  # nucleus mass (1: none)
+  c.sampling.temperature = 1.0  # replaced by each on_policy entry
+  c.sampling.top_p = 1.0  # replaced by each on_policy entry
   c.sampling.batch_size = 16  # replies generated together
   c.sampling.seed = 0  # base seed
-  # The greedy replies use the same settings with temperature 0.
 
   if arg == 'tiny':
     c.prompts = c.prompts[:2]
     c.off_policy = c.off_policy[:2]
     c.max_tokens = 8
+    c.on_policy = ((1.0, 1.0), (0.0, 1.0))
     c.sampling.max_new_tokens = 8
     c.sampling.batch_size = 2
   elif arg not in (None, ''):

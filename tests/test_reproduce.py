@@ -61,14 +61,16 @@ def _tiny(module, tmp_path):
   return config
 
 
-def test_emotion_vectors_rank_held_out_stories_and_steer(smollm2, tmp_path, monkeypatch):
+def test_emotion_vectors_rank_left_out_stories_and_steer(smollm2, tmp_path, monkeypatch):
   monkeypatch.setattr(generate_lib, 'chat', _fake_chat(_story_for({})))
   config = _tiny(emotion_vectors, tmp_path)
   results = reproduce.run(config, str(tmp_path / 'out'), model=smollm2)
   for site in config.sites:
     r = results['sites'][site]
-    assert r['held_out'] == 3 and 0 <= r['accuracy'] <= 1
-  assert results['sites']['blocks.12.hook_resid_post']['accuracy'] == 1.0  # chance 1/3
+    assert r['scored'] == 12 and 0 <= r['accuracy'] <= 1
+  # Chance is 1/3; 8 of 12 right by chance has probability about 0.02.
+  assert results['sites']['blocks.12.hook_resid_post']['accuracy'] >= 8 / 12
+  assert results['keyword_accuracy'] > 0.5
   for emotion, r in results['steering'].items():
     assert r['strengths'][0] == 0 and r['own'][-1] > r['own'][0], emotion
   path = tmp_path / 'out' / f'emotion_vectors.{config.steer_site}.safetensors'
@@ -80,7 +82,7 @@ def test_emotion_vectors_rank_held_out_stories_and_steer(smollm2, tmp_path, monk
     vectors_io.load_vectors(str(path), other)
   with pytest.raises(ValueError, match=r"no vector 'calm'.*\['angry', 'happy', 'sad'\]"):
     vectors.load_vector(str(path), 'calm', cfg)
-  assert 'held-out acc' in reproduce.summary(results)
+  assert 'leave-one-character-out' in reproduce.summary(results)
 
 
 def test_persona_axis_capping_keeps_every_generated_token_in_the_band(smollm2, tmp_path,

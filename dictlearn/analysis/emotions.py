@@ -1,4 +1,4 @@
-"""Emotion concept vectors from the model's own stories: held-out ranking and steering.
+"""Emotion concept vectors from the model's own stories: cross-validated ranking and steering.
 
 The method of Anthropic's emotion-concept work, at SmolLM2's scale:
 1. the model writes a short story for every (emotion, character) pair
@@ -7,19 +7,24 @@ The method of Anthropic's emotion-concept work, at SmolLM2's scale:
    activation over its training stories minus the mean over all emotions'
    (`vectors.concept_vectors`), with the top principal components of neutral
    text (the `builtin` corpus, Python documentation) projected out;
-3. held-out characters' stories are ranked: each story's mean activation, minus
-   the training baseline, is projected on every emotion's unit vector, and the
-   story counts as right when its own emotion projects highest (chance 1/n);
+3. every story is ranked by vectors made without its character's stories
+   (leave-one-character-out): its mean activation, minus the training baseline,
+   is projected on every emotion's unit vector, and it counts as right when its
+   own emotion projects highest (chance 1/n). Beside it, how often a story holds
+   more of its own emotion's words than of any other's: how clearly the
+   model's stories carry the emotion asked for at all;
 4. steering: `strength * mean residual norm * unit vector` is added at every
    position of neutral prompts (`steering.add`; one compiled program for the
    whole sweep), and the log-probability that the next token is one of the
    emotion's words is compared with the unsteered model's.
 
 Run by `dictlearn.analysis.reproduce` with `experiments/emotion_vectors.py`; the
-vectors are saved to OUT/emotion_vectors.<site>.safetensors (`vectors_io`).
+vectors (made from every story) are saved to
+OUT/emotion_vectors.<site>.safetensors (`vectors_io`).
 """
 import logging
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -66,27 +71,58 @@ def neutral_tokens(tokenizer, n_texts: int, n_tokens: int) -> list[list[int]]:
   return out
 
 
-def heldout_ranking(train_acts, test_acts, skip, neutral):
-  """Vectors from the training stories; accuracy of ranking the held-out ones.
+def cross_validated_ranking(acts, skip, neutral):
+  """Leave-one-character-out ranking of every story by the emotion vectors.
+
+  For each character, vectors are made from the other characters' stories
+  (`vectors.concept_vectors`: mean of each emotion minus the mean of all, neutral
+  directions projected out); each of the left-out character's stories, minus
+  the training baseline, is projected on every emotion's unit vector, and it
+  counts as right when its own emotion projects highest.
 
   Args:
-    train_acts, test_acts: {emotion: [activations per story]}.
+    acts: {(emotion, character index): activations of that story}.
     skip: leading positions left out (1: BOS).
     neutral: (k, d) directions projected out of the vectors, or None.
 
   Returns:
-    (vectors {emotion: (d,)}, accuracy, confusion (n, n) counts: row = true emotion).
+    (accuracy, confusion (n, n) counts: row = the story's emotion, column = the
+     emotion ranked first), emotions in first-seen order.
   """
-  emotions = list(train_acts)
-  vecs = vectors.concept_vectors(train_acts, skip=skip, neutral=neutral)
-  baseline = np.mean([vectors.mean_activation(train_acts[e], skip=skip) for e in emotions], axis=0)
-  units = np.stack([vecs[e] / np.linalg.norm(vecs[e]) for e in emotions])
+  emotions = list(dict.fromkeys(e for e, _ in acts))
+  characters = sorted({c for _, c in acts})
   confusion = np.zeros((len(emotions), len(emotions)), np.int64)
-  for i, e in enumerate(emotions):
-    for a in test_acts[e]:
-      scores = units @ (a[skip:].mean(axis=0) - baseline)
-      confusion[i, int(np.argmax(scores))] += 1
-  return vecs, float(np.trace(confusion) / max(confusion.sum(), 1)), confusion
+  for held in characters:
+    train = {e: [a for (e2, c), a in acts.items() if e2 == e and c != held] for e in emotions}
+    vecs = vectors.concept_vectors(train, skip=skip, neutral=neutral)
+    baseline = np.mean([vectors.mean_activation(train[e], skip=skip) for e in emotions], axis=0)
+    units = np.stack([vecs[e] / np.linalg.norm(vecs[e]) for e in emotions])
+    for i, e in enumerate(emotions):
+      if (e, held) in acts:
+        scores = units @ (acts[e, held][skip:].mean(axis=0) - baseline)
+        confusion[i, int(np.argmax(scores))] += 1
+  return float(np.trace(confusion) / max(confusion.sum(), 1)), confusion
+
+
+def keyword_ranking(stories, words) -> float:
+  """How often a story holds more of its own emotion's words than of any other's.
+
+  Args:
+    stories: [(emotion, text)].
+    words: {emotion: words}; a word counts where a word starts with it.
+
+  Returns:
+    The share of stories whose own emotion has strictly the most matches (a
+    gauge of how clearly the model's stories carry the emotion asked for).
+  """
+  patterns = {e: re.compile(r'\b(' + '|'.join(map(re.escape, w)) + ')', re.IGNORECASE)
+              for e, w in words.items()}
+  right = 0
+  for emotion, text in stories:
+    counts = {e: len(p.findall(text)) for e, p in patterns.items()}
+    best = max(counts.values())
+    right += counts[emotion] == best > 0 and list(counts.values()).count(best) == 1
+  return right / max(len(stories), 1)
 
 
 def word_token_ids(tokenizer, words) -> list[int]:
@@ -142,9 +178,6 @@ def run(config, model, *, model_path: str, out_dir: str) -> dict:
   if config.steer_site not in config.sites:
     raise ValueError(f'config.steer_site {config.steer_site!r} is not among config.sites '
                      f'{list(config.sites)}.')
-  if not 0 < config.heldout_characters < len(config.characters):
-    raise ValueError(f'config.heldout_characters must be in [1, {len(config.characters) - 1}], '
-                     f'got {config.heldout_characters}.')
   stories_spec = story_chats(config)
   stories = texts_lib.model_replies(model, [c for _, _, c in stories_spec],
                                     texts_lib.Sampling.from_config(config.sampling),
@@ -156,36 +189,37 @@ def run(config, model, *, model_path: str, out_dir: str) -> dict:
   neutral = activations.read_activations(
       model, neutral_tokens(tokenizer, config.neutral_texts, config.neutral_tokens), config.sites,
       batch_size=config.batch_size)
-  n_train = len(config.characters) - config.heldout_characters
+  words = {e: config.emotion_words[e] for e in config.emotions}
   results = {'emotions': list(config.emotions), 'stories': len(kept),
              'chance': 1 / len(config.emotions), 'sites': {},
+             'keyword_accuracy': keyword_ranking(
+                 [(stories_spec[i][0], stories[i]) for i in kept], words),
              'example_story': {e: next(stories[i] for i in kept if stories_spec[i][0] == e)
                                for e in config.emotions}}
-  saved_vectors = None
   for site in config.sites:
-    train = {e: [] for e in config.emotions}
-    test = {e: [] for e in config.emotions}
-    for a, i in zip(acts[site], kept):
-      emotion, character, _ = stories_spec[i]
-      (train if character < n_train else test)[emotion].append(a)
+    by_story = {stories_spec[i][:2]: a for a, i in zip(acts[site], kept)}
     basis = vectors.neutral_subspace(neutral[site], variance=config.neutral_variance,
                                      skip=config.skip_tokens)
-    raw_vecs, raw_acc, _ = heldout_ranking(train, test, config.skip_tokens, None)
-    vecs, acc, confusion = heldout_ranking(train, test, config.skip_tokens, basis)
+    raw_acc, _ = cross_validated_ranking(by_story, config.skip_tokens, None)
+    acc, confusion = cross_validated_ranking(by_story, config.skip_tokens, basis)
     results['sites'][site] = {'accuracy': acc, 'accuracy_without_projection': raw_acc,
                               'neutral_components': int(len(basis)),
-                              'confusion': confusion.tolist(),
-                              'held_out': int(confusion.sum())}
-    log.info('%s: held-out accuracy %.3f (%.3f without the neutral projection)', site, acc,
+                              'confusion': confusion.tolist(), 'scored': int(confusion.sum())}
+    log.info('%s: cross-validated accuracy %.3f (%.3f without the neutral projection)', site, acc,
              raw_acc)
+    # The saved vectors use every story.
+    vecs = vectors.concept_vectors({e: [a for (e2, _), a in by_story.items() if e2 == e]
+                                    for e in config.emotions},
+                                   skip=config.skip_tokens, neutral=basis)
     path = os.path.join(out_dir, f'emotion_vectors.{site}.safetensors')
     vectors_io.save_vectors(path, vecs, site=site,
                             model=vectors_io.model_identity(cfg, model_path), provenance={
-                                'method': 'mean over the emotion\'s training stories minus the '
-                                          'mean over all emotions\' (per-story means), top '
-                                          'neutral principal components projected out',
-                                'stories_per_emotion': n_train, 'story_prompt': config.story_prompt,
-                                'characters': list(config.characters[:n_train]),
+                                'method': 'mean over the emotion\'s stories minus the mean over '
+                                          'all emotions\' (per-story means), top neutral '
+                                          'principal components projected out',
+                                'story_prompt': config.story_prompt,
+                                'characters': list(config.characters),
+                                'feelings': config.feelings.to_dict(),
                                 'sampling': config.sampling.to_dict(),
                                 'neutral': f'builtin corpus, {config.neutral_texts} documents x '
                                            f'{config.neutral_tokens} tokens, variance '
@@ -210,11 +244,16 @@ def run(config, model, *, model_path: str, out_dir: str) -> dict:
 def summary(results: dict) -> str:
   """Held-out accuracy per site and the steering sweep, as tables."""
   lines = [f'{results["stories"]} stories, {len(results["emotions"])} emotions, chance '
-           f'{results["chance"]:.3f}',
-           f'{"site":<28}{"held-out acc":>14}{"no projection":>15}{"neutral PCs":>13}']
+           f'{results["chance"]:.3f}; stories holding more of their own emotion\'s words than '
+           f'of any other\'s: {results["keyword_accuracy"]:.3f}',
+           'leave-one-character-out accuracy of ranking each story by the emotion vectors:',
+           f'{"site":<28}{"accuracy":>10}{"no projection":>15}{"neutral PCs":>13}']
   for site, r in results['sites'].items():
-    lines.append(f'{site:<28}{r["accuracy"]:14.3f}{r["accuracy_without_projection"]:15.3f}'
+    lines.append(f'{site:<28}{r["accuracy"]:10.3f}{r["accuracy_without_projection"]:15.3f}'
                  f'{r["neutral_components"]:13d}')
+  last = results['sites'][list(results['sites'])[-1]]['confusion']
+  lines.append(f'per emotion at {list(results["sites"])[-1]} (right / stories): ' + ', '.join(
+      f'{e} {row[i]}/{sum(row)}' for i, (e, row) in enumerate(zip(results['emotions'], last))))
   strengths = next(iter(results['steering'].values()))['strengths']
   lines.append('steering (added: strength x mean residual norm '
                f'{results["mean_residual_norm"]:.1f} x unit vector), change in log P(own '

@@ -19,9 +19,14 @@ from dictlearn.analysis import texts as texts_lib
 
 log = logging.getLogger(__name__)
 
-ON_SAMPLED = 'model, sampled (T=1)'
-ON_GREEDY = 'model, greedy'
 OFF = 'another source'
+
+
+def source_name(temperature: float, top_p: float) -> str:
+  """How a model source is named in the results."""
+  if temperature == 0:
+    return 'model, greedy'
+  return f'model, T={temperature:g}' + (f' top-p {top_p:g}' if top_p < 1 else '')
 
 
 def reply_stats(model, chats, replies, *, batch_size: int = 4) -> list[dict]:
@@ -47,15 +52,15 @@ def run(config, model, *, model_path: str, out_dir: str) -> dict:
   if len(prompts) != len(off):
     raise ValueError(f'config.prompts has {len(prompts)} prompts but config.off_policy '
                      f'{len(off)} replies; expected one off-policy reply per prompt.')
-  sampled = texts_lib.Sampling.from_config(config.sampling)
-  greedy = dataclasses.replace(sampled, temperature=0.0)
-  sources = {
-      ON_SAMPLED: texts_lib.model_replies(model, prompts, sampled, model_path=model_path,
-                                          cache_dir=config.cache_dir),
-      ON_GREEDY: texts_lib.model_replies(model, prompts, greedy, model_path=model_path,
-                                         cache_dir=config.cache_dir),
-      OFF: off,
-  }
+  base = texts_lib.Sampling.from_config(config.sampling)
+  sources = {}
+  for temperature, top_p in config.on_policy:
+    sampling = dataclasses.replace(base, temperature=temperature,
+                                   top_p=top_p if temperature > 0 else 1.0)
+    sources[source_name(temperature, top_p)] = texts_lib.model_replies(
+        model, prompts, sampling, model_path=model_path, cache_dir=config.cache_dir)
+  on_names = list(sources)
+  sources[OFF] = off
   # A prompt the model answered with nothing has no on-policy tokens to compare.
   kept = [i for i in range(len(prompts)) if all(s[i].strip() for s in sources.values())]
   if not kept:
@@ -74,9 +79,10 @@ def run(config, model, *, model_path: str, out_dir: str) -> dict:
     weights = np.array([r['tokens'] for r in rows], np.float64)
     figures[name] = {k: float(np.average([r[k] for r in rows], weights=weights))
                      for k in ('entropy', 'nll')} | {'tokens': int(weights.sum())}
+    figures[name]['nll_minus_entropy'] = figures[name]['nll'] - figures[name]['entropy']
   off_entropy = np.array([r['entropy'] for r in per_prompt[OFF]])
   results = {'prompts': len(kept), 'sources': figures, 'ratio': {}, 'off_higher': {}}
-  for name in (ON_SAMPLED, ON_GREEDY):
+  for name in on_names:
     on_entropy = np.array([r['entropy'] for r in per_prompt[name]])
     results['ratio'][name] = figures[OFF]['entropy'] / figures[name]['entropy']
     results['off_higher'][name] = int(np.sum(off_entropy > on_entropy))
@@ -86,9 +92,10 @@ def run(config, model, *, model_path: str, out_dir: str) -> dict:
 
 def summary(results: dict) -> str:
   """The results as a table."""
-  lines = [f'{"source":<24} {"entropy":>9} {"NLL":>9} {"tokens":>7}']
+  lines = [f'{"source":<28} {"entropy":>9} {"NLL":>9} {"NLL-entropy":>12} {"tokens":>7}']
   for name, f in results['sources'].items():
-    lines.append(f'{name:<24} {f["entropy"]:9.3f} {f["nll"]:9.3f} {f["tokens"]:7d}')
+    lines.append(f'{name:<28} {f["entropy"]:9.3f} {f["nll"]:9.3f} {f["nll_minus_entropy"]:12.3f} '
+                 f'{f["tokens"]:7d}')
   for name, ratio in results['ratio'].items():
     lines.append(f'entropy ratio {OFF} / {name}: {ratio:.2f} (off-policy higher on '
                  f'{results["off_higher"][name]} of {results["prompts"]} prompts)')
