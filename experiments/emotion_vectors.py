@@ -37,15 +37,16 @@ CHARACTERS = ('a baker', 'a young student', 'an old fisherman', 'a nurse on a ni
               'a shopkeeper', 'a teenage girl', 'a grandfather', 'a scientist in her lab',
               'a chef', 'an astronaut', 'a schoolteacher', 'a mountain climber')
 STORY_PROMPT = 'Write a short story, about 100 words, about {character} who feels {feeling}.'
-# Words whose next-token probability the steering measures (each word's first token).
+# Words whose next-token probability the steering measures (each word's first token) and
+# whose whole-word occurrences in a story the keyword gauge counts.
 EMOTION_WORDS = {
-    'happy': ('happy', 'joy', 'joyful', 'glad', 'delighted', 'cheerful', 'excited', 'elated'),
-    'sad': ('sad', 'sorrow', 'unhappy', 'grief', 'lonely', 'miserable', 'gloomy', 'heartbroken'),
-    'angry': ('angry', 'furious', 'rage', 'mad', 'annoyed', 'irritated', 'outraged', 'frustrated'),
+    'happy': ('happy', 'happiness', 'joy', 'joyful', 'glad', 'delighted', 'cheerful', 'elated'),
+    'sad': ('sad', 'sadness', 'sorrow', 'unhappy', 'grief', 'lonely', 'miserable', 'heartbroken'),
+    'angry': ('angry', 'anger', 'furious', 'rage', 'mad', 'annoyed', 'irritated', 'outraged'),
     'afraid': ('afraid', 'scared', 'fear', 'terrified', 'frightened', 'anxious', 'nervous',
                'panic'),
-    'surprised': ('surprised', 'shocked', 'amazed', 'astonished', 'stunned', 'startled',
-                  'unexpected', 'sudden'),
+    'surprised': ('surprised', 'surprise', 'shocked', 'amazed', 'astonished', 'stunned',
+                  'startled', 'unexpected'),
     'disgusted': ('disgusted', 'disgust', 'gross', 'revolting', 'sick', 'nausea', 'repulsed',
                   'vile'),
 }

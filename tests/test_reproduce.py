@@ -5,12 +5,16 @@ instead (generation is slow on 2 cores and is tested in test_vectors.py): the
 model's `chat` is replaced by a function that returns them, so the rest of the
 path (cache file, reading, vectors, steering, capping) is the real one.
 """
+import dataclasses
 import os
 
 import numpy as np
 import pytest
 
+from dictlearn import harvest
+from dictlearn.analysis import on_policy as on_policy_lib
 from dictlearn.analysis import reproduce
+from dictlearn.analysis import texts as texts_lib
 from dictlearn.analysis import vectors
 from dictlearn.analysis import vectors_io
 from dictlearn.lm import generate as generate_lib
@@ -118,8 +122,17 @@ def test_on_policy_entropy_ratio_is_reported(smollm2, tmp_path):
   results = reproduce.run(config, str(tmp_path / 'out'), model=smollm2)
   for name, figures in results['sources'].items():
     assert figures['tokens'] > 0 and figures['entropy'] > 0, name
-  # Greedy replies are the model's own argmax path: it is far surer of them.
-  assert results['ratio']['model, greedy'] > 1.0
+  assert set(results['ratio']) == {'model, T=1', 'model, greedy'}
+  # A greedy token is the argmax p_max of its distribution, and -log p_max <= entropy:
+  # exact at every token when the reply tokens line up with what predicted them.
+  sampling = dataclasses.replace(texts_lib.Sampling.from_config(config.sampling),
+                                 temperature=0.0, top_p=1.0)
+  greedy = texts_lib.model_replies(smollm2, config.prompts, sampling,
+                                   model_path=harvest.resolve_model_path(''),
+                                   cache_dir=config.cache_dir)
+  for stats in on_policy_lib.reply_stats(smollm2, config.prompts, greedy):
+    assert np.all(stats['nll'] <= stats['entropy'] + 1e-3), stats
+  assert results['sources']['model, greedy']['nll_minus_entropy'] < 0
   assert os.path.isfile(tmp_path / 'out' / 'results.json')
 
 

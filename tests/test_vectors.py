@@ -101,6 +101,10 @@ def test_readout_is_the_projection_of_the_sites_activation(smollm2):
     vectors.readout(model, text, v, 'blocks.99.hook_resid_post')
   with pytest.raises(ValueError, match='has no tokens'):
     vectors.readout(model, '', v, SITE)
+  with pytest.raises(ValueError, match='text set is empty'):
+    activations.read_activations(model, [], [SITE])
+  with pytest.raises(ValueError, match='non-empty list of hook-site names'):
+    activations.read_activations(model, [[1, 2]], [])
 
 
 def test_batched_activations_equal_one_text_at_a_time(smollm2):

@@ -109,13 +109,13 @@ def keyword_ranking(stories, words) -> float:
 
   Args:
     stories: [(emotion, text)].
-    words: {emotion: words}; a word counts where a word starts with it.
+    words: {emotion: words}, matched as whole words, any case.
 
   Returns:
     The share of stories whose own emotion has strictly the most matches (a
     gauge of how clearly the model's stories carry the emotion asked for).
   """
-  patterns = {e: re.compile(r'\b(' + '|'.join(map(re.escape, w)) + ')', re.IGNORECASE)
+  patterns = {e: re.compile(r'\b(' + '|'.join(map(re.escape, w)) + r')\b', re.IGNORECASE)
               for e, w in words.items()}
   right = 0
   for emotion, text in stories:
