@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from dictlearn import harvest
+from dictlearn import lm
 from dictlearn.analysis import on_policy as on_policy_lib
 from dictlearn.analysis import reproduce
 from dictlearn.analysis import texts as texts_lib
@@ -128,7 +128,7 @@ def test_on_policy_entropy_ratio_is_reported(smollm2, tmp_path):
   sampling = dataclasses.replace(texts_lib.Sampling.from_config(config.sampling),
                                  temperature=0.0, top_p=1.0)
   greedy = texts_lib.model_replies(smollm2, config.prompts, sampling,
-                                   model_path=harvest.resolve_model_path(''),
+                                   model_path=lm.resolve_model(''),
                                    cache_dir=config.cache_dir)
   for stats in on_policy_lib.reply_stats(smollm2, config.prompts, greedy):
     assert np.all(stats['nll'] <= stats['entropy'] + 1e-3), stats

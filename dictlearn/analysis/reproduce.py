@@ -5,20 +5,21 @@
 The config's `experiment` field names the reproduction (EXPERIMENTS); its module
 does the work (`run(config, model, model_path=, out_dir=) -> results`) and
 formats the table (`summary(results)`). The results go to OUT/results.json and
-the table to stdout; what an experiment saves besides (concept vectors) goes
-under OUT too. Tests call `run(config, out_dir, model=...)` directly.
+the table to stdout, details to OUT/log.txt; what an experiment saves besides
+(concept vectors, the persona axis) goes under OUT too. Tests call
+`run(config, out_dir, model=...)` directly.
 """
 import json
 import logging
 import os
 import time
 
-from dictlearn import harvest
+from dictlearn import cli
+from dictlearn import lm
 from dictlearn.analysis import binding
 from dictlearn.analysis import emotions
 from dictlearn.analysis import on_policy
 from dictlearn.analysis import persona
-from dictlearn.lm import gguf as gguf_lib
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,8 @@ def run(config, out_dir: str, *, model=None) -> dict:
   Args:
     config: an experiments/<name>.py config.
     out_dir: output directory (created).
-    model: (cfg, params, tokenizer) already loaded from `config.model`; None loads it.
+    model: (cfg, params, tokenizer) already loaded from `config.model` ('' =
+      SmolLM2-135M-Instruct, a .gguf file or a Hugging Face directory); None loads it.
 
   Returns:
     The results, with 'experiment' and 'seconds' added.
@@ -48,10 +50,10 @@ def run(config, out_dir: str, *, model=None) -> dict:
   if module is None:
     raise ValueError(f'config.experiment {config.experiment!r} is not a reproduction; expected '
                      f'one of {sorted(EXPERIMENTS)}.')
-  model_path = harvest.resolve_model_path(config.model)
+  model_path = lm.resolve_model(config.model)
   start = time.time()
   if model is None:
-    model = gguf_lib.load_gguf(model_path)
+    model = lm.load_model(model_path)
   os.makedirs(out_dir, exist_ok=True)
   results = module.run(config, model, model_path=model_path, out_dir=out_dir)
   results = {'experiment': config.experiment, 'seconds': round(time.time() - start, 1),
@@ -68,24 +70,13 @@ def summary(results: dict) -> str:
 
 
 def main(argv):
-  from absl import app  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.getLogger().setLevel(logging.INFO)
-  results = run(_FLAGS['config'].value, _FLAGS['out'].value)
-  print(summary(results))
+  cli.no_arguments(argv)
+  print(summary(run(_FLAGS['config'].value, _FLAGS['out'].value)))
 
 
-_FLAGS = {}
+_FLAGS = {}  # defined only when run as a command: importing this module defines no flag
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
-  from dictlearn.config_cli import parse_flags  # pylint: disable=g-import-not-at-top
-  _FLAGS['config'] = config_flags.DEFINE_config_file('config', None, 'reproduction config file',
-                                                     lock_config=True)
-  _FLAGS['out'] = flags.DEFINE_string('out', None, 'output directory (results.json, vectors)')
-  flags.mark_flags_as_required(['config', 'out'])
-  app.run(main, flags_parser=parse_flags)
+  _FLAGS['config'], _FLAGS['out'] = cli.define_flags(
+      'out', 'output directory (results.json, vectors, log.txt)', 'reproduction config file[:arg]')
+  cli.run_config_command(main, doc=__doc__, log_dir=lambda: _FLAGS['out'].value)
