@@ -27,6 +27,8 @@ Variants: `:tiny` (what the tests run: 3 emotions, 4 stories each, 12 tokens).
 """
 import ml_collections
 
+from experiments import _sampling
+
 EMOTIONS = ('happy', 'sad', 'angry', 'afraid', 'surprised', 'disgusted')
 # What the story prompt asks the character to feel.
 FEELINGS = {'happy': 'deep happiness', 'sad': 'deep sadness', 'angry': 'intense anger',
@@ -77,12 +79,7 @@ def get_config(arg=None):
   c.batch_size = 8  # sequences per forward pass
   c.cache_dir = ''  # cache of generated stories; '' = $DICTLEARN_CACHE or ~/.cache/dictlearn
 
-  c.sampling = ml_collections.ConfigDict()  # how the stories are written (the cache key)
-  c.sampling.max_new_tokens = 160  # tokens per story at most
-  c.sampling.temperature = 0.8  # sampling temperature
-  c.sampling.top_p = 0.95  # nucleus mass
-  c.sampling.batch_size = 24  # stories generated together
-  c.sampling.seed = 0  # base seed (batch i: seed + i)
+  c.sampling = _sampling.sampling(160, temperature=0.8, top_p=0.95, batch_size=24)  # the stories
 
   if arg == 'tiny':
     c.emotions = ('happy', 'sad', 'angry')

@@ -23,6 +23,8 @@ Variants: `:tiny` (what the tests run: 2 prompts, 8-token replies).
 """
 import ml_collections
 
+from experiments import _sampling
+
 # (user prompt, a reply written by hand: another source than the model).
 PROMPTS_AND_REPLIES = (
     ('What is the capital of Australia?',
@@ -114,12 +116,8 @@ def get_config(arg=None):
   # The model's own replies, one source per (temperature, top_p): its unfiltered
   # distribution, the chat sampling of the `generated` corpus, and greedy.
   c.on_policy = ((1.0, 1.0), (0.8, 0.95), (0.0, 1.0))
-  c.sampling = ml_collections.ConfigDict()  # the rest of the replies' settings (the cache key)
-  c.sampling.max_new_tokens = 96  # tokens per reply at most
-  c.sampling.temperature = 1.0  # replaced by each on_policy entry
-  c.sampling.top_p = 1.0  # replaced by each on_policy entry
-  c.sampling.batch_size = 16  # replies generated together
-  c.sampling.seed = 0  # base seed
+  # The rest of the replies' settings (temperature and top_p replaced by each on_policy entry).
+  c.sampling = _sampling.sampling(96, temperature=1.0, top_p=1.0, batch_size=16)
 
   if arg == 'tiny':
     c.prompts = c.prompts[:2]

@@ -26,6 +26,8 @@ Variants: `:tiny` (what the tests run: 3 personas, 1 question, 8 tokens).
 """
 import ml_collections
 
+from experiments import _sampling
+
 PERSONAS = {
     'teacher': 'You are a patient schoolteacher who explains things clearly to your students.',
     'librarian': 'You are a helpful librarian who finds information and recommends books.',
@@ -70,12 +72,7 @@ def get_config(arg=None):
   c.batch_size = 8  # sequences per forward pass
   c.cache_dir = ''  # cache of generated replies; '' = $DICTLEARN_CACHE or ~/.cache/dictlearn
 
-  c.sampling = ml_collections.ConfigDict()  # how the persona replies are written (the cache key)
-  c.sampling.max_new_tokens = 64  # tokens per reply at most
-  c.sampling.temperature = 0.7  # sampling temperature
-  c.sampling.top_p = 0.95  # nucleus mass
-  c.sampling.batch_size = 24  # replies generated together
-  c.sampling.seed = 0  # base seed (batch i: seed + i)
+  c.sampling = _sampling.sampling(64, temperature=0.7, top_p=0.95, batch_size=24)  # the replies
 
   if arg == 'tiny':
     c.personas = ml_collections.ConfigDict({k: PERSONAS[k] for k in ('teacher', 'pirate', 'cat')})
