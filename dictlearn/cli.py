@@ -29,6 +29,7 @@ from typing import Callable, Optional, Sequence
 from absl import flags
 from ml_collections import config_flags
 
+from dictlearn import distributed
 from dictlearn import logs
 
 log = logging.getLogger(__name__)
@@ -239,11 +240,23 @@ def run_config_command(main: Callable[[list[str]], Optional[int]], *, doc: str,
   verbose = _VERBOSE.value
   log_path = None
   try:
-    log_path = logs.setup(log_dir(), verbose=verbose)
-  except OSError as e:  # the workdir is a file, or cannot be created
+    process = start_processes()
+    log_path = logs.setup(log_dir(), verbose=verbose, process=process)
+  except (OSError, ValueError) as e:  # an unreachable coordinator; a workdir that is a file
     print(f'error: {describe(e)}', file=sys.stderr)
     sys.exit(1)
   sys.exit(_run(lambda: main(args), log_path, verbose))
+
+
+def start_processes() -> int:
+  """Joins a multi-process run when the parsed config's `distributed` section (or the
+  environment) says so, before anything touches a device; returns this process's index."""
+  config = flags.FLAGS['config'].value if 'config' in flags.FLAGS else None
+  if config is None or 'distributed' not in config:
+    return 0
+  if not distributed.initialize(config.distributed):
+    return 0
+  return distributed.process_index()
 
 
 # ---------------------------------------------------------------------------

@@ -10,7 +10,9 @@ points in `dictlearn.cli`) routes them:
     log file  every INFO record (ours, absl's, orbax's, JAX's), with times
 
 so that a run prints one line per stage and its progress bar, and the details
-are still there afterwards in `<workdir>/log.txt`.
+are still there afterwards in `<workdir>/log.txt`. In a multi-process run,
+process 0 does that; process p > 0 logs to `<workdir>/log.<p>.txt` and shows
+only warnings and errors, each marked with its process.
 """
 import logging
 import os
@@ -40,13 +42,31 @@ class _ConsoleFilter(logging.Filter):
                                                   or record.name.startswith('dictlearn'))
 
 
+class _SecondaryConsoleFilter(logging.Filter):
+  """A process other than 0: its warnings and errors only (process 0 tells the story)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR or (
+        record.levelno >= logging.WARNING and (record.name == 'root'
+                                               or record.name.startswith('dictlearn')))
+
+
 class _ConsoleFormatter(logging.Formatter):
+
+  def __init__(self, process: int = 0):
+    super().__init__()
+    self._mark = f'process {process}: ' if process else ''
 
   def format(self, record: logging.LogRecord) -> str:
     message = record.getMessage()
     if record.name == STAGE_LOGGER and record.levelno < logging.WARNING:
       return message
-    return f'{record.levelname.lower()}: {message}'
+    return f'{self._mark}{record.levelname.lower()}: {message}'
+
+
+def log_file_name(process: int = 0) -> str:
+  """log.txt for process 0, log.<p>.txt for process p."""
+  return LOG_FILE if not process else f'log.{process}.txt'
 
 
 def _remove_our_handlers(root: logging.Logger) -> None:
@@ -56,7 +76,8 @@ def _remove_our_handlers(root: logging.Logger) -> None:
       handler.close()
 
 
-def setup(log_dir: Optional[str] = None, *, verbose: bool = False) -> Optional[str]:
+def setup(log_dir: Optional[str] = None, *, verbose: bool = False,
+          process: int = 0) -> Optional[str]:
   """Routes log records to the console and to `log_dir/log.txt` (appended).
 
   Calling it again (a second command in one process, a test) replaces what the
@@ -65,6 +86,8 @@ def setup(log_dir: Optional[str] = None, *, verbose: bool = False) -> Optional[s
   Args:
     log_dir: directory of the log file; None (or a URL such as gs://...) for no file.
     verbose: show every INFO record on the console, as the log file has it.
+    process: this process's index in a multi-process run; process p > 0 writes
+      `log.<p>.txt` and shows only its warnings and errors.
 
   Returns:
     The log file's path, or None.
@@ -84,15 +107,15 @@ def setup(log_dir: Optional[str] = None, *, verbose: bool = False) -> Optional[s
   if verbose:
     console.setFormatter(logging.Formatter(_FILE_FORMAT))
   else:
-    console.addFilter(_ConsoleFilter())
-    console.setFormatter(_ConsoleFormatter())
+    console.addFilter(_SecondaryConsoleFilter() if process else _ConsoleFilter())
+    console.setFormatter(_ConsoleFormatter(process))
   setattr(console, _HANDLER_MARK, True)
   root.addHandler(console)
 
   path = None
   if log_dir and '://' not in log_dir:
     os.makedirs(log_dir, exist_ok=True)
-    path = os.path.join(log_dir, LOG_FILE)
+    path = os.path.join(log_dir, log_file_name(process))
     file_handler = logging.FileHandler(path, encoding='utf-8')
     file_handler.setFormatter(logging.Formatter(_FILE_FORMAT))
     setattr(file_handler, _HANDLER_MARK, True)

@@ -46,8 +46,10 @@ def make_mesh(shape: Sequence[int], axis_names: Sequence[str],
     shape[shape.index(-1)] = len(devices) // known
   n = math.prod(shape)
   if n > len(devices):
+    where = (f' ({jax.process_count()} processes with {jax.local_device_count()} devices each)'
+             if jax.process_count() > 1 else '')
     raise ValueError(f'mesh.shape {tuple(shape)} needs {n} devices; '
-                     f'{len(devices)} are available')
+                     f'{len(devices)} are available{where}')
   return Mesh(np.asarray(devices[:n], dtype=object).reshape(shape), tuple(axis_names))
 
 

@@ -83,5 +83,25 @@ def get_config(arg=None):
   c.mesh.axis_names = ('data', 'model')  # mesh axis names
   c.mesh.logical_axis_rules = (('batch', 'data'), ('latent', 'model'), ('embed', None))  # logical -> mesh axis
 
+  c.distributed = distributed_config()  # processes of a multi-host run (dictlearn.distributed)
   c.lock()
   return c
+
+
+def distributed_config():
+  """The `distributed` section: how the processes of a multi-host run find each other.
+
+  Every host runs the same command; on TPU VMs (`--worker=all`), under SLURM (`srun`)
+  and Open MPI JAX detects the address, count and id; elsewhere give all three, e.g.
+  `--config.distributed.coordinator_address=host0:1234 --config.distributed.num_processes=2
+  --config.distributed.process_id=$i`.
+  """
+  d = ml_collections.ConfigDict()
+  d.initialize = 'auto'  # jax.distributed.initialize: 'auto' (when the fields below or a SLURM/MPI launch ask), 'always' (TPU pod slices), 'never'
+  d.coordinator_address = ''  # host:port of process 0's coordinator; '' = from the environment
+  d.num_processes = -1  # processes in the run; -1 = from the environment
+  d.process_id = -1  # this process's index, 0 on the coordinator; -1 = from the environment
+  d.initialization_timeout_s = 300  # seconds to wait for every process to join before failing
+  d.heartbeat_timeout_s = 100  # a process silent this long is dead: the others stop with an error
+  d.shutdown_timeout_s = 300  # seconds a finishing process waits for the others at exit
+  return d

@@ -20,6 +20,8 @@ Variants:
 """
 import ml_collections
 
+from experiments import base
+
 
 def get_config(arg=None):
   """The harvest config (locked); `arg` 'tiny' gives the test variant.
@@ -45,6 +47,7 @@ def get_config(arg=None):
   c.store_shard_chunks = 16  # read chunks per shard file; a store commits a whole shard at a time
   c.seed = 0  # seed of the sampled text of the 'generated' corpus part
   c.progress = True  # show a progress bar with tokens/s on stderr
+  c.distributed = base.distributed_config()  # processes of a multi-host harvest (each forwards its own store shards)
 
   c.generate = ml_collections.ConfigDict()  # the 'generated' corpus part (ignored without it)
   c.generate.n_prompts = -1  # prompts of corpus.GENERATION_PROMPTS used, in order; -1 = all 64

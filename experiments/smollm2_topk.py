@@ -21,6 +21,7 @@ def get_config(arg=None):
   c.unlock()
   c.harvest = harvest_smollm2.get_config('tiny' if arg == 'tiny' else None)  # what to harvest (one site)
   c.harvest.unlock()
+  del c.harvest['distributed']  # one `distributed` section (the trainer's) serves both stages
   c.harvest.corpus = 'builtin'
   c.harvest.sites = ('blocks.12.hook_resid_post',)
   c.data.heldout_tokens = 8192

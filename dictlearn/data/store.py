@@ -407,6 +407,204 @@ class StoreWriter:
     return manifest
 
 
+# ---- several writers at once ----------------------------------------------------
+
+
+def process_progress_key(process):
+  """The progress file of process `process` in a store filled by several processes."""
+  return f'progress.{process}.json'
+
+
+def _merge_stats(a, b):
+  return {'count': a['count'] + b['count'], 'sum_sq_norm': a['sum_sq_norm'] + b['sum_sq_norm'],
+          'sum_norm': a['sum_norm'] + b['sum_norm'],
+          'sum': (np.asarray(a['sum']) + np.asarray(b['sum'])).tolist()}
+
+
+class BlockWriter:
+  """One process's writer of a store that several processes fill at once, by blocks.
+
+  The rows are cut into blocks of one shard file each (`block_rows = chunk_rows *
+  shard_chunks`); block b belongs to process `b % n_processes`, so no two processes
+  ever write the same file. `create_block_store` (process 0, before the others
+  open it) makes the arrays with 0 rows and `progress.json` with the layout and
+  the process count. Each process writes whole blocks through a view of the
+  arrays with an unbounded row count (`assume_metadata`: the stored shape is not
+  touched, so writers never race on it) and, after each block, its own
+  `progress.<p>.json`: the blocks it committed (always its first ones, in order),
+  its running statistics and the caller's resume note. `finish_block_store`
+  (process 0, once every process has committed its blocks) sums the statistics,
+  sets the arrays' shape to exactly `n_rows` (a metadata write), writes
+  manifest.json last and removes the progress files.
+
+  A killed process reopens with the same arguments and continues at its first
+  uncommitted block; a block half-written when it died is rewritten whole.
+  """
+
+  def __init__(self, path, *, process, n_processes):
+    """Opens the store made by `create_block_store` for process `process`.
+
+    Raises:
+      ValueError: the store was made for another process count, or is finished.
+    """
+    self.path, self.process = os.fspath(path), int(process)
+    self._kv = _open_kv(self.path)
+    if _read_json(self._kv, MANIFEST) is not None:
+      raise ValueError(f'store at {self.path} is finished (manifest.json present); '
+                       'it cannot be appended to; write a new store instead')
+    layout = _read_json(self._kv, PROGRESS)
+    if layout is None or 'n_processes' not in layout:
+      raise ValueError(f'store at {self.path} was not created for several writers '
+                       '(no progress.json with n_processes): create it with create_block_store')
+    if layout['n_processes'] != n_processes:
+      raise ValueError(f'store at {self.path} is being filled by {layout["n_processes"]} '
+                       f'processes; reopened by {n_processes}: resume with '
+                       f'{layout["n_processes"]} processes, or write a new store')
+    self.n_processes = int(n_processes)
+    self.d_model, self.dtype = layout['d_model'], layout['dtype']
+    self.chunk_rows, self.shard_chunks = layout['chunk_rows'], layout['shard_chunks']
+    self.block_rows = self.chunk_rows * self.shard_chunks
+    mine = _read_json(self._kv, process_progress_key(self.process)) or {}
+    self.committed_blocks = int(mine.get('committed_blocks', 0))
+    self.resume_note = mine.get('resume_note')
+    self._stats = mine.get('stats') or _empty_stats(self.d_model)
+    base, unbounded = kvstore_spec(self.path), 2 ** 62 // max(self.block_rows, 1)
+    self._arrays = {}
+    for name, shape, dt in [(ACTIVATIONS, (unbounded, self.d_model), self.dtype)] + [
+        (n, (unbounded,), 'int32') for n in INT_ARRAYS]:
+      spec = _array_spec(base, name, shape, self.chunk_rows, self.shard_chunks, dt)
+      self._arrays[name] = ts.open(spec, open=True, assume_metadata=True,
+                                   context=CONTEXT).result()
+
+  def owner(self, block):
+    """The process that writes block `block`."""
+    return block % self.n_processes
+
+  def next_block(self):
+    """This process's first uncommitted block."""
+    return self.process + self.committed_blocks * self.n_processes
+
+  def write_block(self, block, activations, tokens, doc, pos, *, resume_note=None):
+    """Writes the rows of `block` (all `block_rows` of them, fewer only for the last
+    block of the store) and commits it.
+
+    Raises:
+      ValueError: not this process's next block, a wrong shape, or a non-finite row.
+    """
+    if block != self.next_block():
+      raise ValueError(f'store at {self.path}: process {self.process} must write block '
+                       f'{self.next_block()} next, not {block}')
+    x = np.ascontiguousarray(activations, dtype=DTYPES[self.dtype])
+    if x.ndim != 2 or x.shape[1] != self.d_model or not 0 < len(x) <= self.block_rows:
+      raise ValueError(f'store at {self.path}: block {block} must be [1..{self.block_rows}, '
+                       f'{self.d_model}] rows, got {list(x.shape)}')
+    if not np.isfinite(x).all():
+      raise ValueError(f'store at {self.path}: block {block} holds a non-finite row (NaN or '
+                       'Inf); nothing of it was written')
+    start = block * self.block_rows
+    columns = [x] + [np.asarray(c, np.int32) for c in (tokens, doc, pos)]
+    writes = [a[start:start + len(x)].write(c) for a, c in zip(self._arrays.values(), columns)]
+    for w in writes:
+      w.result()
+    self._stats = _add_stats(self._stats, x)
+    self.committed_blocks += 1
+    if resume_note is not None:
+      self.resume_note = resume_note
+    self._write_progress()
+
+  def note_resume(self, resume_note):
+    """Records the caller's resume note (e.g. where to restart reading) without a block."""
+    self.resume_note = resume_note
+    self._write_progress()
+
+  def _write_progress(self):
+    _write_json(self._kv, process_progress_key(self.process), {
+        'committed_blocks': self.committed_blocks, 'stats': self._stats,
+        'resume_note': self.resume_note})
+
+
+def create_block_store(path, d_model, dtype='float32', *, chunk_rows=None, shard_chunks=16,
+                       metadata, n_processes):
+  """Creates (or, when it is already there with the same layout, keeps) a store that
+  `n_processes` BlockWriters fill; call on one process before the others open it.
+
+  Returns:
+    True when the store was made now, False when it was already there.
+
+  Raises:
+    ValueError: a finished store, another layout or process count, or bad arguments.
+  """
+  path = os.fspath(path)
+  kv = _open_kv(path)
+  if _read_json(kv, MANIFEST) is not None:
+    return False
+  if dtype not in DTYPES or int(d_model) <= 0:
+    raise ValueError(f'store at {path}: need a dtype among {sorted(DTYPES)} and d_model > 0, '
+                     f'got {dtype!r} and {d_model}')
+  chunk_rows = int(chunk_rows or default_chunk_rows(int(d_model), dtype))
+  layout = {'format': FORMAT, 'writer_version': WRITER_VERSION, 'd_model': int(d_model),
+            'dtype': dtype, 'chunk_rows': chunk_rows, 'shard_chunks': int(shard_chunks),
+            'n_rows': 0, 'stats': _empty_stats(int(d_model)), 'n_processes': int(n_processes),
+            'metadata': _check_metadata(path, metadata)}
+  existing = _read_json(kv, PROGRESS)
+  if existing is not None:
+    differs = [k for k in ('d_model', 'dtype', 'chunk_rows', 'shard_chunks', 'n_processes')
+               if existing.get(k) != layout[k]]
+    if differs:
+      raise ValueError(f'store at {path} was started with '
+                       + ', '.join(f'{k}={existing.get(k)}' for k in differs) + '; reopened with '
+                       + ', '.join(f'{k}={layout[k]}' for k in differs))
+    return False
+  base = kvstore_spec(path)
+  for name, shape, dt in [(ACTIVATIONS, (0, int(d_model)), dtype)] + [
+      (n, (0,), 'int32') for n in INT_ARRAYS]:
+    spec = _array_spec(base, name, shape, chunk_rows, int(shard_chunks), dt)
+    ts.open(spec, create=True, delete_existing=True, context=CONTEXT).result()
+  _write_json(kv, PROGRESS, layout)
+  return True
+
+
+def finish_block_store(path, n_rows):
+  """Seals a store filled by BlockWriters: statistics summed, arrays sized to `n_rows`,
+  manifest.json written last. Call on one process once every block is committed.
+
+  Returns:
+    The manifest dict.
+
+  Raises:
+    ValueError: a process has not committed every block of its up to `n_rows`.
+  """
+  path = os.fspath(path)
+  kv = _open_kv(path)
+  layout = _read_json(kv, PROGRESS)
+  n_processes, block_rows = layout['n_processes'], layout['chunk_rows'] * layout['shard_chunks']
+  n_blocks = -(-int(n_rows) // block_rows)
+  stats = _empty_stats(layout['d_model'])
+  for p in range(n_processes):
+    mine = _read_json(kv, process_progress_key(p)) or {'committed_blocks': 0}
+    expected = len(range(p, n_blocks, n_processes))
+    if mine['committed_blocks'] != expected:
+      raise ValueError(f'store at {path}: process {p} committed {mine["committed_blocks"]} '
+                       f'blocks of the {expected} it owns in {n_rows} rows')
+    if expected:
+      stats = _merge_stats(stats, mine['stats'])
+  base = kvstore_spec(path)
+  for name in (ACTIVATIONS,) + INT_ARRAYS:
+    array = _open_array(base, name)
+    array.resize(exclusive_max=[int(n_rows)] + [None] * (array.rank - 1),
+                 resize_metadata_only=True).result()
+  manifest = dict(layout['metadata'], format=FORMAT, writer_version=WRITER_VERSION,
+                  d_model=layout['d_model'], dtype=layout['dtype'], n_tokens=int(n_rows),
+                  chunk_rows=layout['chunk_rows'], shard_chunks=layout['shard_chunks'],
+                  statistics=_summary(stats))
+  _write_json(kv, MANIFEST, manifest)
+  for key in [PROGRESS] + [process_progress_key(p) for p in range(n_processes)]:
+    kv.write(key, None).result()
+  logging.info('store at %s: finished with %d rows written by %d processes', path, n_rows,
+               n_processes)
+  return manifest
+
+
 def _check_metadata(path, metadata):
   if not isinstance(metadata, dict):
     raise ValueError(f'store at {path}: metadata must be a dict, got {type(metadata).__name__}')

@@ -37,12 +37,14 @@ import numpy as np
 import tensorstore as ts
 import tqdm
 
+from dictlearn import distributed
 from dictlearn import logs
 from dictlearn.data import corpus as corpus_lib
 from dictlearn.data import store as store_lib
 from dictlearn.lm import generate as generate_lib
 from dictlearn.lm import llama
 from dictlearn.lm import models as models_lib
+from dictlearn.harvest import parallel
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +54,9 @@ RECORD_VERSION = 1
 PACKING = ('each context starts with BOS; documents are concatenated with a BOS between '
            'them (a document starting a context uses the context BOS)')
 _MODEL_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-# Config fields that may change between a harvest and its resume.
-_RESUMABLE_CHANGES = ('batch_size', 'progress')
+# Config fields that may change between a harvest and its resume (the process count
+# may not: it is checked on its own, see `check_processes`).
+_RESUMABLE_CHANGES = ('batch_size', 'progress', 'distributed')
 
 
 # ---- validation -----------------------------------------------------------------------
@@ -160,7 +163,8 @@ class _Record:
     self.data = json.loads(result.value) if result.state == 'value' else None
 
   def save(self):
-    self._kv.write(RECORD, json.dumps(self.data, indent=1, sort_keys=True).encode()).result()
+    if distributed.is_primary():  # one writer; the others hold the same data
+      self._kv.write(RECORD, json.dumps(self.data, indent=1, sort_keys=True).encode()).result()
 
   def add_checkpoint(self, rows, state, committed):
     """Records a batch start; drops checkpoints no resume can need (see module doc)."""
@@ -303,12 +307,19 @@ def harvest(config, out_dir, *, model=None):
     corpus.check_not_empty()
   model_info = models_lib.model_identity(model_path)
   record = _Record(out_dir)
+  n_processes = distributed.process_count()
   if record.data is not None:
     _check_same(out_dir, 'config', record.data['config'], _config_identity(config))
     _check_same(out_dir, 'model', record.data['model'], model_info)
     if record.data['complete']:
       logs.stage('harvest in %s is already complete', out_dir)
       return _located(record.data['summary'], out_dir)
+    check_processes(out_dir, record.data.get('processes', 1), n_processes)
+  if n_processes > 1 and corpus.needs_generation:
+    raise ValueError(f'corpus {config.corpus!r} has a model-written part that is not generated '
+                     f'yet; a harvest over {n_processes} processes needs the text ready: run '
+                     'the harvest once in one process to generate it (it is cached), or harvest '
+                     'a corpus without "generated"')
 
   lm = _load_model(config, model_path, model)
   lm_cfg, params, tokenizer = lm
@@ -322,6 +333,7 @@ def harvest(config, out_dir, *, model=None):
     record.data = {'format': RECORD_FORMAT, 'version': RECORD_VERSION,
                    'config': _config_identity(config), 'model': model_info,
                    'corpus': corpus_info, 'bos_id': tokenizer.bos_id, 'complete': False,
+                   'processes': n_processes,
                    'checkpoints': [{'rows': 0, 'state': corpus_lib.PackState().to_json()}]}
     record.save()
   changed = _differences(record.data['corpus'], corpus_info)
@@ -345,9 +357,48 @@ def harvest(config, out_dir, *, model=None):
                               path=os.path.abspath(model_path), n_layers=lm_cfg.n_layers),
                 'context_length': config.context_length, 'packing': PACKING,
                 'bos_id': tokenizer.bos_id, 'exclude_bos': config.exclude_bos}}
+  if n_processes > 1:
+    return _run_parallel(config, out_dir, corpus, lm, record, metadata, n_processes)
   outputs = {site: _SiteOutput(f'{out_dir}/{site}', lm_cfg.d_model, config,
                                dict(metadata, site=site)) for site in sites}
   return _run(config, out_dir, corpus, lm, record, outputs)
+
+
+def check_processes(out_dir, recorded, n_processes):
+  """A harvest resumes with the process count it started with (its blocks are assigned
+  by it).
+
+  Raises:
+    ValueError: naming both counts.
+  """
+  if recorded != n_processes:
+    raise ValueError(f'{out_dir}/{RECORD}: this harvest was started by {recorded} '
+                     f'process(es) and is resumed by {n_processes}: resume it with '
+                     f'{recorded}, or harvest into a new --out directory')
+
+
+def _run_parallel(config, out_dir, corpus, lm, record, metadata, n_processes):
+  """Every process forwards its blocks (`dictlearn.harvest.parallel`); process 0 then
+  seals the stores and writes the summary, last."""
+  distributed.barrier('dictlearn harvest record written')
+  sites = tuple(config.sites)
+  writers = parallel.open_writers(config, out_dir, sites, lm[0].d_model, metadata, n_processes)
+  n_tokens, last, exhausted, seconds, written = parallel.run(config, out_dir, corpus, lm,
+                                                             writers)
+  distributed.barrier('dictlearn harvest blocks written')
+  if n_tokens == 0:
+    raise corpus_lib.CorpusError(f'corpus {config.corpus!r} gave no token to harvest')
+  if distributed.is_primary():
+    for site in sites:
+      store_lib.finish_block_store(f'{out_dir}/{site}', n_tokens)
+  summary = _summary(config, sites, n_tokens, last, exhausted, seconds, written)
+  record.data.update(complete=True, summary=summary, checkpoints=[])
+  record.save()
+  distributed.barrier('dictlearn harvest finished')
+  logs.stage('harvest in %s complete: %d tokens per site over %d processes, %.0f tokens/s in '
+             'process %d', out_dir, n_tokens, n_processes, summary['tokens_per_s'],
+             distributed.process_index())
+  return _located(summary, out_dir)
 
 
 def _run(config, out_dir, corpus, lm, record, outputs):
@@ -438,17 +489,23 @@ def _finish(config, out_dir, record, outputs, last, exhausted, seconds, start_ro
   if exhausted and config.token_budget > 0:
     log.warning('corpus %r ran out after %d tokens, before token_budget %d', config.corpus,
                 n_tokens, config.token_budget)
-  # The record names each store by its site (its folder under OUT), so that the
-  # output directory can move; the caller gets paths (`_located`).
-  summary = {'stores': {s: s for s in outputs}, 'n_tokens': n_tokens,
-             'n_contexts': last['contexts'], 'documents': last['documents'], 'corpus_exhausted': exhausted,
-             'context_length': config.context_length, 'exclude_bos': config.exclude_bos,
-             'seconds': seconds, 'tokens_per_s': (n_tokens - start_rows) / max(seconds, 1e-9)}
+  summary = _summary(config, tuple(outputs), n_tokens, last, exhausted, seconds,
+                     n_tokens - start_rows)
   record.data.update(complete=True, summary=summary, checkpoints=[])
   record.save()
   logs.stage('harvest in %s complete: %d tokens per site, %d contexts, %.0f tokens/s', out_dir,
              n_tokens, summary['n_contexts'], summary['tokens_per_s'])
   return _located(summary, out_dir)
+
+
+def _summary(config, sites, n_tokens, last, exhausted, seconds, written):
+  # The record names each store by its site (its folder under OUT), so that the
+  # output directory can move; the caller gets paths (`_located`).
+  return {'stores': {s: s for s in sites}, 'n_tokens': n_tokens,
+          'n_contexts': last['contexts'], 'documents': last['documents'],
+          'corpus_exhausted': exhausted, 'context_length': config.context_length,
+          'exclude_bos': config.exclude_bos, 'seconds': seconds,
+          'tokens_per_s': written / max(seconds, 1e-9)}
 
 
 def _located(summary: dict, out_dir: str) -> dict:

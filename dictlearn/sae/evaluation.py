@@ -54,23 +54,41 @@ def evaluate_reconstruction(sae: SparseAutoencoder, params, buffers,
   """
   totals, rows = None, 0
   for batch in batches:
-    batch = np.asarray(batch, np.float32)
-    for start in range(0, batch.shape[0], ROWS_PER_CALL):
-      chunk = batch[start:start + ROWS_PER_CALL]
-      sums = jax.device_get(_reconstruction_sums(sae, params, buffers, jnp.asarray(chunk)))
-      totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+    for chunk in _pieces(batch):
+      sums = _reconstruction_sums(sae, params, buffers, chunk)
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
       rows += chunk.shape[0]
   if not rows:
     raise ValueError('evaluation got no held-out rows; set data.heldout_tokens > 0 '
                      'and train.eval_batches > 0')
+  # The per-latent counts stay on the devices, sharded like the latents, and only
+  # their fractions come back: the same code runs when they span several processes.
+  dead, dense = jax.device_get(_latent_fractions(totals.pop('fired'), rows, dense_threshold))
+  totals = jax.device_get(totals)  # scalars and the [d_model] sum, replicated
   mean = totals['sum_x'] / rows
   total_variance = totals['sum_sq_x'] - rows * float(np.sum(mean * mean))
-  frequency = totals['fired'] / rows
   return {
       'fvu': float(totals['sum_sq_err'] / total_variance),
       'mse': float(totals['sum_sq_err'] / rows),
       'l0': float(totals['l0'] / rows),
-      'dead_fraction': float(np.mean(frequency == 0)),
-      'dense_fraction': float(np.mean(frequency > dense_threshold)),
+      'dead_fraction': float(dead),
+      'dense_fraction': float(dense),
       'rows': rows,
   }
+
+
+@jax.jit
+def _latent_fractions(fired, rows, dense_threshold):
+  frequency = fired / rows
+  return jnp.mean(frequency == 0), jnp.mean(frequency > dense_threshold)
+
+
+def _pieces(batch):
+  """A host batch in pieces of ROWS_PER_CALL rows; a sharded global batch whole (its
+  rows are already spread over the devices, and may live on several processes)."""
+  if isinstance(batch, jax.Array) and len(batch.sharding.device_set) > 1:
+    yield batch
+    return
+  batch = np.asarray(batch, np.float32)
+  for start in range(0, batch.shape[0], ROWS_PER_CALL):
+    yield jnp.asarray(batch[start:start + ROWS_PER_CALL])

@@ -12,8 +12,9 @@ built-in forms:
                           + exp(zeta + eta ln k)
                 (Gao et al. 2024, "Scaling and evaluating sparse autoencoders")
 
-Training compute is defined in ONE place, `sae_training_flops` (and
-`lm_training_flops` for language models); `ComputeModel` wraps it for the plan.
+Training compute is defined in ONE place, `sae_training_flops` (from
+`dictlearn.sae.flops`, where the trainer's MFU reads it too; `lm_training_flops`
+for language models); `ComputeModel` wraps it for the plan.
 The compute-optimal functions below minimise the law's prediction along a curve
 of constant compute; they are written in jax so that they vectorise over
 bootstrap replicates.
@@ -26,6 +27,8 @@ from typing import Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dictlearn.sae import flops
 
 LogPredict = Callable[[Mapping[str, jax.Array], Mapping[str, jax.Array]], jax.Array]
 
@@ -160,58 +163,11 @@ def get_law(name: str) -> Law:
   return LAWS[name]
 
 
-# ---- training compute (the one place the formula lives) --------------------
+# ---- training compute --------------------------------------------------------
 
-def sae_training_flops(n_latents, tokens, d_model, k=None, sparse_decode: bool = False):
-  """Training FLOPs of a sparse autoencoder (works on floats, numpy and jax arrays).
-
-  Per token, with d = d_model, n = n_latents and 2 FLOPs per multiply-accumulate:
-
-      dense kernels                              FLOPs
-        encoder forward   z = x W_enc            2 d n
-        decoder forward   x_hat = f W_dec        2 n d
-        decoder backward  dW_dec = f^T g         2 n d
-                          df = g W_dec^T         2 n d
-        encoder backward  dW_enc = x^T dz        2 d n
-        (no dx: the activations are data, so the encoder's input gradient is skipped)
-        total                                    10 d n
-
-  The language-model rule 6 N D counts 2 forward + 4 backward FLOPs per weight;
-  with N = 2 d n weights it gives 12 d n, of which 2 d n is the input gradient
-  an SAE never needs, hence 10 d n.
-
-      sparse kernels (k active latents per token; DESIGN.md, "sparse after the encoder")
-        encoder forward   dense, unavoidable     2 d n
-        decoder forward   k rows of W_dec        2 k d
-        decoder backward  k rows, and df         4 k d
-        encoder backward  k columns of W_enc     2 d k
-        total                                    2 d n + 8 d k
-
-  Left out, all O(n + d) per token or amortised over a batch: biases,
-  activation and top-k selection, the loss, decoder renormalisation, the
-  optimizer update (O(n d) per step, i.e. per `batch_size` tokens), and the AuxK
-  loss of top-k SAEs.
-
-  Args:
-    n_latents: dictionary size n.
-    tokens: training tokens D.
-    d_model: activation width d.
-    k: active latents per token; required when `sparse_decode`.
-    sparse_decode: count the sparse kernels instead of the dense ones.
-
-  Returns:
-    FLOPs = (per-token FLOPs) * tokens.
-
-  Raises:
-    ValueError: `sparse_decode` without `k`.
-  """
-  if sparse_decode:
-    if k is None:
-      raise ValueError('sae_training_flops: sparse_decode=True needs k (active latents per token)')
-    per_token = 2.0 * d_model * n_latents + 8.0 * d_model * k
-  else:
-    per_token = 10.0 * d_model * n_latents
-  return per_token * tokens
+# The SAE formula lives beside the SAEs (`dictlearn.sae.flops`), so that the trainer's
+# MFU and the sweep's compute axis count the same FLOPs; it is re-exported here.
+sae_training_flops = flops.sae_training_flops
 
 
 def lm_training_flops(n_params, tokens):

@@ -13,9 +13,11 @@ abstract state of *this* run with *this* mesh's shardings, so a checkpoint saved
 one mesh shape restores onto another.
 """
 import logging
+import math
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from dictlearn.train import state as state_lib
@@ -173,19 +175,30 @@ def read_metadata(directory: str, step: int | None = None) -> tuple[int, dict, d
 
 
 def restore_arrays(directory: str, step: int | None = None) -> tuple[int, dict]:
-  """Restores a checkpoint's state as it was saved (single host, no target).
+  """Restores a checkpoint's state as it was saved, without rebuilding its run.
 
-  For tools that read any checkpoint without rebuilding its run.
+  For tools that read any checkpoint. One process whose first device can hold the
+  whole state gets it there. Otherwise (several processes, or a state bigger than
+  one device) every array is restored sharded over all devices, as it was saved
+  (`restore_mesh`): nothing is gathered onto one device.
+
+  Returns:
+    (step, state).
   """
   manager = make_manager(directory, read_only=True)
   try:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no checkpoint under {directory}')
-    # Onto this process's first device, whatever mesh the checkpoint was saved from.
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          manager.item_metadata(step)['state'].tree)
+    saved = manager.item_metadata(step)['state'].tree
+    if jax.process_count() == 1 and _fits_one_device(saved, jax.devices()[0]):
+      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      shardings = jax.tree.map(lambda _: device, saved)
+    else:
+      mesh = restore_mesh(saved, jax.devices())
+      shardings = jax.tree.map(lambda m: _saved_spec_on(mesh, m), saved)
+    target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
+                          saved, shardings)
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target)))
     return step, restored['state']
@@ -238,6 +251,58 @@ def restore_sae(directory: str, step: int | None, shardings: dict) -> tuple[int,
     return step, state['params'], state.get('buffers') or {}
   finally:
     manager.close()
+
+
+def _fits_one_device(saved: dict, device) -> bool:
+  limit = (device.memory_stats() or {}).get('bytes_limit')  # None on a CPU: host memory
+  need = sum(math.prod(m.shape) * np.dtype(m.dtype).itemsize for m in jax.tree.leaves(saved))
+  return limit is None or need <= limit
+
+
+def _saved_mesh_of(meta):
+  sharding = getattr(meta, 'sharding', None)
+  if sharding is None or not hasattr(sharding, 'partition_spec'):
+    return None
+  return dict(zip(sharding.axis_names, (int(n) for n in sharding.shape)))
+
+
+def restore_mesh(saved: dict, devices) -> jax.sharding.Mesh:
+  """A mesh over `devices` with the axis names a checkpoint was saved with: its own
+  shape when the device count matches, else every device on the axis its largest
+  array was split over (the latent axis of an SAE)."""
+  leaves = jax.tree.leaves(saved)
+  largest = max(leaves, key=lambda m: math.prod(m.shape))
+  shape = _saved_mesh_of(largest) or {'data': 1, 'model': 1}
+  names = list(shape)
+  if math.prod(shape.values()) != len(devices):
+    spec = [a for a in getattr(largest.sharding, 'partition_spec', ()) or () if a]
+    axis = spec[0] if spec and isinstance(spec[0], str) else names[-1]
+    shape = {name: (len(devices) if name == axis else 1) for name in names}
+  return jax.sharding.Mesh(np.asarray(devices, dtype=object).reshape(list(shape.values())),
+                           tuple(names))
+
+
+def _saved_spec_on(mesh, meta):
+  """The saved partition spec on `mesh`; a dimension the mesh axis does not divide,
+  or an axis the mesh lacks, is replicated."""
+  spec = list(getattr(getattr(meta, 'sharding', None), 'partition_spec', None) or ())
+  out = []
+  for dim, axis in zip(meta.shape, spec + [None] * (len(meta.shape) - len(spec))):
+    names = (axis,) if isinstance(axis, str) else tuple(axis or ())
+    ok = names and all(n in mesh.shape for n in names) and (
+        dim % math.prod(mesh.shape[n] for n in names) == 0)
+    out.append(axis if ok else None)
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*out))
+
+
+def saved_mesh(directory: str, step: int) -> dict | None:
+  """The mesh ({axis: size}) a checkpoint's parameters were saved on, or None."""
+  manager = make_manager(directory, read_only=True)
+  try:
+    tree = manager.item_metadata(step)['state'].tree
+  finally:
+    manager.close()
+  return _saved_mesh_of(next(iter(tree['params'].values())))
 
 
 def saved_shardings(directory: str, step: int) -> dict:

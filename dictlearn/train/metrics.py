@@ -26,13 +26,20 @@ class MetricWriter:
   records carry their step, so a reader can drop repeats after a resume.
   """
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True):
-    os.makedirs(workdir, exist_ok=True)
+  def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool = True):
+    """Opens the files; with `enabled` False (a process other than 0 of a multi-process
+    run) nothing is opened and `write` does nothing."""
     self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._file = self._tb = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
     self._file = open(self.path, 'a', encoding='utf-8')
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard')) if tensorboard else None
 
   def write(self, step: int, metrics: dict, prefix: str = 'train') -> None:
+    if self._file is None:
+      return
     record = {'step': int(step), 'split': prefix, **metrics}
     self._file.write(json.dumps(record) + '\n')
     self._file.flush()
@@ -43,7 +50,8 @@ class MetricWriter:
       self._tb.flush()
 
   def close(self) -> None:
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
     if self._tb is not None:
       self._tb.close()
 
@@ -64,12 +72,14 @@ def read_metrics(workdir: str, split: str | None = None) -> list[dict]:
 
 
 class Progress:
-  """A progress bar over steps that shows tokens/s and the latest metrics."""
+  """A progress bar over steps that shows tokens/s, MFU and the latest metrics."""
 
-  def __init__(self, total_steps: int, start_step: int, tokens_per_step: int):
+  def __init__(self, total_steps: int, start_step: int, tokens_per_step: int, *,
+               enabled: bool = True):
     self._tokens_per_step = tokens_per_step
     self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step',
-                          dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+                          dynamic_ncols=True, file=sys.stderr, mininterval=1.0,
+                          disable=not enabled)
     self._last_time = time.perf_counter()
     self._last_step = start_step
 
@@ -79,14 +89,20 @@ class Progress:
     steps = step - self._last_step
     rate = steps * self._tokens_per_step / max(now - self._last_time, 1e-9)
     self._bar.update(steps)
-    postfix = {'tok/s': f'{rate:,.0f}'}
-    if metrics:
-      for name in ('loss', 'fvu', 'l0', 'dead_fraction'):
-        if name in metrics:
-          postfix[name] = f'{metrics[name]:.4g}'
-    self._bar.set_postfix(postfix, refresh=False)
     self._last_time, self._last_step = now, step
     return rate
+
+  def show(self, metrics: dict) -> None:
+    """Shows tokens/s, MFU and a few metrics of a record beside the bar."""
+    postfix = {}
+    if 'tokens_per_second' in metrics:
+      postfix['tok/s'] = f"{metrics['tokens_per_second']:,.0f}"
+    if 'mfu' in metrics:
+      postfix['MFU'] = f"{100 * metrics['mfu']:.1f}%"
+    for name in ('loss', 'fvu', 'l0', 'dead_fraction'):
+      if name in metrics:
+        postfix[name] = f'{metrics[name]:.4g}'
+    self._bar.set_postfix(postfix, refresh=False)
 
   def close(self) -> None:
     self._bar.close()

@@ -13,6 +13,8 @@ The state is a plain dict (so orbax saves and restores it without custom nodes):
                   nonfinite_step    int32 scalar, first step with a non-finite metric (-1: none)
                   nonfinite_mask    int32 scalar, which metrics (bits in sorted-name order)
 """
+import math
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
@@ -90,3 +92,14 @@ def abstract_with_shardings(abstract: dict, shardings: dict) -> dict:
   """ShapeDtypeStructs carrying shardings: the restore target of a checkpoint."""
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract, shardings)
+
+
+def per_device_bytes(abstract: dict, shardings: dict) -> int:
+  """Bytes of the state on its most loaded device (every leaf's shard there)."""
+  total = {}
+  for leaf, sharding in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
+    itemsize = jnp.dtype(leaf.dtype).itemsize
+    for device, index in sharding.devices_indices_map(tuple(leaf.shape)).items():
+      shape = [len(range(*i.indices(n))) for i, n in zip(index, leaf.shape)]
+      total[device] = total.get(device, 0) + math.prod(shape) * itemsize
+  return max(total.values(), default=0)

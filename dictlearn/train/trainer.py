@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from dictlearn import distributed
 from dictlearn import logs
 from dictlearn import sharding as sharding_lib
 from dictlearn.data import loader as loader_lib
@@ -33,6 +34,7 @@ from dictlearn.train import checkpoint as ckpt_lib
 from dictlearn.train import metrics as metrics_lib
 from dictlearn.train import schedules
 from dictlearn.train import state as state_lib
+from dictlearn.train import throughput
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +128,14 @@ def resolve_store(config: ml_collections.ConfigDict, workdir: str) -> str:
   s = config.data.synthetic
   logs.stage('synthetic data: %d true features in %d dimensions, %d rows, in %s',
              s.n_true, s.d_model, s.n_tokens, path)
-  # Idempotent: a finished store with these parameters is kept as it is.
-  synthetic.write_synthetic_store(
-      path, n_true=s.n_true, d_model=s.d_model, n_tokens=s.n_tokens,
-      mean_active=s.mean_active, power_law_exponent=s.power_law_exponent,
-      noise_std=s.noise_std, seed=s.seed)
+  # Idempotent: a finished store with these parameters is kept as it is. One
+  # process writes it; the others wait, then read it (the workdir is shared).
+  if distributed.is_primary():
+    synthetic.write_synthetic_store(
+        path, n_true=s.n_true, d_model=s.d_model, n_tokens=s.n_tokens,
+        mean_active=s.mean_active, power_law_exponent=s.power_law_exponent,
+        noise_std=s.noise_std, seed=s.seed)
+  distributed.barrier('dictlearn synthetic store')
   return path
 
 
@@ -180,7 +185,10 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _raise_nonfinite(stats: dict, names: list[str]) -> None:
+def _raise_nonfinite(state: dict, names: list[str]) -> None:
+  # Only the two replicated scalars come to the host (the latent statistics may
+  # be sharded over processes).
+  stats = jax.device_get({k: state['stats'][k] for k in ('nonfinite_step', 'nonfinite_mask')})
   step = int(stats['nonfinite_step'])
   if step < 0:
     return
@@ -189,6 +197,14 @@ def _raise_nonfinite(stats: dict, names: list[str]) -> None:
   raise NonFiniteError(
       f'non-finite {", ".join(bad)} at step {step}; the run stopped without saving that '
       f'state (the last checkpoint is intact): lower optim.learning_rate or check the data')
+
+
+def _preempted(preemption: _Preemption, step: int, log_every: int) -> bool:
+  """Whether to save and stop after `step`. Several processes agree on it (a collective,
+  at log steps only, so that they stop at the same step and the check costs little)."""
+  if jax.process_count() == 1:
+    return preemption.requested
+  return step % log_every == 0 and distributed.any_process(preemption.requested)
 
 
 class Run(NamedTuple):
@@ -204,13 +220,58 @@ class Run(NamedTuple):
   shardings: dict  # its shardings
 
 
+def run_mesh(config: ml_collections.ConfigDict, workdir: str) -> jax.sharding.Mesh:
+  """The configured mesh over every process's devices.
+
+  Raises:
+    ValueError: the devices cannot hold the mesh, or (several processes) the mesh
+      leaves some out; when the workdir holds a checkpoint, the message names the
+      mesh it was written on too.
+  """
+  try:
+    mesh = sharding_lib.make_mesh(config.mesh.shape, config.mesh.axis_names)
+    distributed.check_mesh(mesh)
+  except ValueError as e:
+    raise ValueError(f'{e}{checkpoint_mesh_note(workdir)}') from None
+  return mesh
+
+
+def checkpoint_mesh_note(workdir: str) -> str:
+  """'; the checkpoint ... was written on mesh {...}' for an error message ('' for none)."""
+  directory = ckpt_lib.checkpoint_dir(workdir)
+  step = ckpt_lib.latest_step(directory)
+  if step is None:
+    return ''
+  return (f'; the checkpoint at step {step} in {directory} was written on mesh '
+          f'{ckpt_lib.saved_mesh(directory, step)} (it restores onto any mesh these devices '
+          'can hold: set mesh.shape)')
+
+
+def check_state_fits(abstract: dict, shardings: dict, mesh, workdir: str) -> None:
+  """Refuses, before anything is read or written, a state whose shards exceed the memory
+  of the devices that would hold them (when the backend reports it; a CPU does not).
+
+  Raises:
+    ValueError: naming the bytes per device, the device's memory and the mesh.
+  """
+  need = state_lib.per_device_bytes(abstract, shardings)
+  device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
+  have = (device.memory_stats() or {}).get('bytes_limit')
+  if have and need > have:
+    raise ValueError(
+        f'the train state needs {need / 2**30:.2f} GiB per device on mesh {dict(mesh.shape)}; '
+        f'a {device.device_kind} holds {have / 2**30:.2f} GiB: shard the latents over more '
+        f'devices (mesh.shape) or use optim.state_dtype=bfloat16'
+        + checkpoint_mesh_note(workdir))
+
+
 def open_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
   """Mesh, checkpoints, store and SAE of a run in `workdir` (new or resumed).
 
   A resumed run reads its store and normalisation from the latest checkpoint's
   `run` item, so that it continues on exactly the data it started on.
   """
-  mesh = sharding_lib.make_mesh(config.mesh.shape, config.mesh.axis_names)
+  mesh = run_mesh(config, workdir)
   check_batch(config, mesh)
   manager = ckpt_lib.make_manager(ckpt_lib.checkpoint_dir(workdir),
                                   keep=config.train.keep_checkpoints)
@@ -229,6 +290,7 @@ def open_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
   tx = schedules.make_optimizer(config.optim, config.train.num_steps)
   abstract, shardings = state_lib.state_shardings(sae, tx, config.seed, mesh,
                                                   config.mesh.logical_axis_rules)
+  check_state_fits(abstract, shardings, mesh, workdir)
   return Run(mesh, manager, latest, reader, run_info, sae, tx, abstract, shardings)
 
 
@@ -249,7 +311,8 @@ def initial_state(run: Run, config: ml_collections.ConfigDict) -> dict:
   sample = sample_train_rows(run.reader, config.data.heldout_tokens, config.sae.b_dec_init_rows,
                              config.seed, run.run_info['data_scale'])
   init_b_dec = jax.jit(run.sae.init_b_dec, out_shardings=run.shardings['params'])
-  state['params'] = init_b_dec(state['params'], jnp.asarray(sample))
+  # A numpy sample (the same on every process) enters the jit replicated.
+  state['params'] = init_b_dec(state['params'], np.asarray(sample, np.float32))
   return state
 
 
@@ -274,7 +337,9 @@ def _train_loop(run: Run, config: ml_collections.ConfigDict, state: dict, workdi
       scale=run.run_info['data_scale'], sharding=data_sharding, prefetch=config.data.prefetch,
       shuffle_window_chunks=config.data.shuffle_window_chunks,
       heldout_tokens=config.data.heldout_tokens)
-  progress = metrics_lib.Progress(num_steps, start_step, batch_size)
+  progress = metrics_lib.Progress(num_steps, start_step, batch_size,
+                                  enabled=distributed.is_primary())
+  accounting = throughput.Accounting(config, run.reader.d_model, run.mesh)
   wait_time, window_start = 0.0, time.perf_counter()
   try:
     with _Preemption() as preemption, loader:
@@ -287,20 +352,22 @@ def _train_loop(run: Run, config: ml_collections.ConfigDict, state: dict, workdi
         state, metrics = train_step(state, batch)
         step += 1
         if step % config.train.log_every == 0 or step == num_steps:
-          _raise_nonfinite(jax.device_get(state['stats']), names)
+          _raise_nonfinite(state, names)
           record = metrics_lib.to_python(metrics)
           elapsed = time.perf_counter() - window_start
           record['data_wait_fraction'] = wait_time / max(elapsed, 1e-9)
-          record['tokens_per_second'] = progress.update(step, record)
+          record.update(accounting.record(progress.update(step)))
+          progress.show(record)
           writer.write(step, record)
           out['train'] = record
           wait_time, window_start = 0.0, time.perf_counter()
+        preempted = _preempted(preemption, step, config.train.log_every)
         if (step % config.train.checkpoint_every == 0 or step in (num_steps, stop_at)
-            or preemption.requested):
-          _raise_nonfinite(jax.device_get(state['stats']), names)
+            or preempted):
+          _raise_nonfinite(state, names)
           ckpt_lib.save(run.manager, step, state, config_dict, run.run_info)
-        if preemption.requested or step == stop_at:
-          out.update(preempted=preemption.requested, stopped_at=step)
+        if preempted or step == stop_at:
+          out.update(preempted=preempted, stopped_at=step)
           break
     run.manager.wait_until_finished()
   finally:
@@ -315,12 +382,13 @@ def _final_evaluation(run: Run, config: ml_collections.ConfigDict, state: dict,
       run.sae, state['params'], state['buffers'],
       loader_lib.heldout_batches(run.reader, config.train.batch_size, config.train.eval_batches,
                                  heldout_tokens=config.data.heldout_tokens,
-                                 scale=run.run_info['data_scale'], sharding=None),
+                                 scale=run.run_info['data_scale'],
+                                 sharding=sharding_lib.batch_sharding(
+                                     run.mesh, config.mesh.logical_axis_rules)),
       dense_threshold=config.sae.dense_threshold)
   if not config.data.store:  # synthetic data: how much of the true dictionary was found
     evaluation['recovered_fraction'] = synthetic.recovered_fraction(
-        synthetic.load_true_dictionary(store_path),
-        np.asarray(jax.device_get(state['params']['W_dec'])),
+        synthetic.load_true_dictionary(store_path), distributed.to_host(state['params']['W_dec']),
         threshold=config.data.synthetic.recovered_cosine)
   return evaluation
 
@@ -348,7 +416,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   summary = {'workdir': os.path.abspath(workdir), 'store': store_path,
              'metrics': os.path.join(os.path.abspath(workdir), 'metrics.jsonl'),
              'checkpoints': ckpt_lib.checkpoint_dir(workdir)}
-  writer = metrics_lib.MetricWriter(workdir)
+  writer = metrics_lib.MetricWriter(workdir, enabled=distributed.is_primary())
   try:
     state = initial_state(run, config)
     logs.stage('training a %s SAE of %d latents on %s (d_model %d) from step %d to %d, mesh %s',
