@@ -20,6 +20,8 @@ JAX's coordination service stops the others after `heartbeat_timeout_s`.
 import logging
 import math
 import os
+import socket
+import time
 
 import jax
 from jax.experimental import multihost_utils
@@ -121,25 +123,46 @@ def initialize(config: ml_collections.ConfigDict) -> bool:
                                                         'from the environment'))
   who = (f"process {args.get('process_id', '?')} of {args.get('num_processes', '?')}")
   log.info('jax.distributed.initialize: coordinator %s, %s', where, who)
+  if args.get('process_id', -1) != 0 and ':' in where:
+    wait_for_coordinator(where, config.initialization_timeout_s, who)
   try:
     jax.distributed.initialize(
         **args, initialization_timeout=int(config.initialization_timeout_s),
         heartbeat_timeout_seconds=int(config.heartbeat_timeout_s),
         shutdown_timeout_seconds=int(config.shutdown_timeout_s))
   except (RuntimeError, ValueError) as e:
-    text = str(e)
-    if 'DEADLINE_EXCEEDED' in text or 'UNAVAILABLE' in text or 'timed out' in text.lower():
-      raise CoordinatorError(
-          f'could not reach the coordinator at {where} as {who} within '
-          f'distributed.initialization_timeout_s={config.initialization_timeout_s} s: start '
-          'every process (process 0 hosts the coordinator) with the same address and '
-          f'num_processes, and check that the port is open ({text.splitlines()[0][:200]})'
-      ) from e
     raise ValueError(f'jax.distributed.initialize failed for coordinator {where} as {who}: '
-                     f'{text.splitlines()[0][:300]}') from e
+                     f'{str(e).splitlines()[0][:300]}') from e
   log.info('process %d of %d: %d local devices of %d', jax.process_index(), jax.process_count(),
            jax.local_device_count(), jax.device_count())
   return jax.process_count() > 1
+
+
+def wait_for_coordinator(address: str, timeout_s: float, who: str) -> None:
+  """Waits until the coordinator's port accepts a connection.
+
+  JAX's client, when it cannot reach the coordinator, ends the process from C++
+  with a message about another task having died; this check turns the common
+  case (a wrong address, process 0 not started) into an error that says so.
+
+  Raises:
+    CoordinatorError: naming the address, this process and the timeout.
+  """
+  host, _, port = address.rpartition(':')
+  host = host.strip('[]')
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host, int(port)), timeout=1.0):
+        return
+    except OSError as e:
+      if time.monotonic() > deadline:
+        raise CoordinatorError(
+            f'could not reach the coordinator at {address} as {who} within '
+            f'distributed.initialization_timeout_s={timeout_s} s ({e}): start process 0 (it '
+            'hosts the coordinator) with the same coordinator_address and num_processes, and '
+            'check the host name and that the port is open') from None
+      time.sleep(0.5)
 
 
 def process_count() -> int:

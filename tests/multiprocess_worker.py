@@ -9,6 +9,7 @@ in DIR, with a (2, 4) mesh that spans both processes:
     full/       the tiny config trained for 20 steps
     resumed/    the same run stopped at step 10 and resumed (stopped/ is a copy
                 taken at the stop, for the test to resume in one process)
+    refused.<p>.json  the errors of bad meshes and batches
     restore.<p>.json  what `checkpoint.restore_arrays` gave this process
     harvest/    the tiny harvest of DIR/tiny.gguf over both processes
     done.<p>.json  written when all of that is done
@@ -66,6 +67,22 @@ def main():
   logs.setup(args.dir, process=args.process)
   assert jax.process_count() == args.processes and jax.device_count() == 4 * args.processes
   out = args.dir
+
+  # Bad input, refused before anything is written: a mesh the processes cannot hold,
+  # one that leaves a process out, a global batch the processes do not divide.
+  refused = {}
+  for name, overrides in (('mesh_too_big', {'mesh.shape': (4, 4)}),
+                          ('mesh_partial', {'mesh.shape': (1, 4)}),
+                          ('batch', {'mesh.shape': (1, 8), 'train.batch_size': 63})):
+    workdir = os.path.join(out, 'bad', name)
+    try:
+      train_and_evaluate(tiny_config(**dict(TRAIN, **overrides)), workdir)
+      refused[name] = None
+    except ValueError as e:
+      refused[name] = str(e)
+    refused[name + ' wrote'] = sorted(os.listdir(workdir)) if os.path.isdir(workdir) else []
+  with open(os.path.join(out, f'refused.{args.process}.json'), 'w', encoding='utf-8') as f:
+    json.dump(refused, f)
 
   train_and_evaluate(tiny_config(**TRAIN), os.path.join(out, 'full'))
 

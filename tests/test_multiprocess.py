@@ -10,6 +10,7 @@ with JAX's error within a bounded time instead of hanging.
 """
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -133,6 +134,18 @@ def test_two_processes_train_like_one_with_eight_devices(two_processes, scenario
 
 
 @pytest.mark.slow
+def test_bad_meshes_and_batches_are_refused_naming_both_values(scenarios_done):
+  for p in range(2):
+    refused = json.loads((scenarios_done / f'refused.{p}.json').read_text())
+    assert 'needs 16 devices; 8 are available (2 processes with 4 devices each)' in (
+        refused['mesh_too_big'])
+    assert 'uses 4 of the 8 devices of 2 processes' in refused['mesh_partial']
+    assert 'train.batch_size=63' in refused['batch'] and 'process count 2' in refused['batch']
+    for name in ('mesh_too_big', 'mesh_partial', 'batch'):
+      assert refused[f'{name} wrote'] == [], (name, refused[f'{name} wrote'])
+
+
+@pytest.mark.slow
 def test_two_processes_stop_and_resume_bitwise(scenarios_done):
   out = scenarios_done
   straight, resumed = leaves(final_state(out / 'full')), leaves(final_state(out / 'resumed'))
@@ -151,6 +164,11 @@ def test_two_process_checkpoint_resumes_in_one_process(scenarios_done, tmp_path)
   import shutil  # pylint: disable=import-outside-toplevel
   stopped = tmp_path / 'stopped'
   shutil.copytree(out / 'stopped', stopped)
+  too_big = multiprocess_worker.tiny_config(**dict(multiprocess_worker.TRAIN,
+                                                   **{'mesh.shape': (4, 4)}))
+  with pytest.raises(ValueError, match=r"needs 16 devices; 8 are available; the checkpoint at "
+                     r"step 10 .* was written on mesh \{'data': 2, 'model': 4\}"):
+    train_and_evaluate(too_big, str(stopped))
   one = multiprocess_worker.tiny_config(**dict(multiprocess_worker.TRAIN, **{'mesh.shape': (8, 1)}))
   summary = train_and_evaluate(one, str(stopped))
   assert summary['step'] == 20
@@ -200,3 +218,39 @@ def test_killed_process_stops_the_other_within_the_heartbeat(two_processes, scen
   err = _tail(procs[0].stderr_path, 20000)
   assert 'Task 1 heartbeat timeout' in err or 'another task died' in err, err[-3000:]
   assert took < HEARTBEAT_S + 60, took
+
+
+def test_unreachable_coordinator_is_one_line_and_writes_nothing(tmp_path):
+  port = free_port()  # nothing listens there
+  env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  result = subprocess.run(
+      [sys.executable, '-m', 'dictlearn.train', '--config',
+       os.path.join(REPO, 'experiments', 'tiny.py'), '--workdir', str(tmp_path / 'w'),
+       f'--config.distributed.coordinator_address=localhost:{port}',
+       '--config.distributed.num_processes=2', '--config.distributed.process_id=1',
+       '--config.distributed.initialization_timeout_s=2'],
+      env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+  assert result.returncode == 1, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(
+      f'error: could not reach the coordinator at localhost:{port} as process 1 of 2 within '
+      'distributed.initialization_timeout_s=2 s'), lines
+  assert not (tmp_path / 'w').exists()
+
+
+@pytest.mark.parametrize('fields,message', [
+    ({'initialize': 'sometimes'}, "expected one of ('auto', 'always', 'never')"),
+    ({'num_processes': 2, 'process_id': 2}, 'process_id=2 is not a process of num_processes=2'),
+    ({'num_processes': 2}, "sets ['num_processes'] but not ['coordinator_address', 'process_id']"),
+    ({'heartbeat_timeout_s': 0}, 'heartbeat_timeout_s=0: expected at least 1 second'),
+])
+def test_bad_distributed_sections_are_named(fields, message, monkeypatch):
+  from dictlearn import distributed  # pylint: disable=import-outside-toplevel
+  from experiments import base  # pylint: disable=import-outside-toplevel
+  for name in ('JAX_COORDINATOR_ADDRESS', 'SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'):
+    monkeypatch.delenv(name, raising=False)
+  config = base.distributed_config()
+  config.update(fields)
+  with pytest.raises(ValueError, match=re.escape(message)):
+    distributed.check_config(config)
+  assert not distributed.wanted(base.distributed_config())  # one process by default

@@ -98,7 +98,7 @@ class Progress:
     if 'tokens_per_second' in metrics:
       postfix['tok/s'] = f"{metrics['tokens_per_second']:,.0f}"
     if 'mfu' in metrics:
-      postfix['MFU'] = f"{100 * metrics['mfu']:.1f}%"
+      postfix['MFU'] = f"{100 * metrics['mfu']:.3g}%"
     for name in ('loss', 'fvu', 'l0', 'dead_fraction'):
       if name in metrics:
         postfix[name] = f'{metrics[name]:.4g}'

@@ -45,6 +45,7 @@ DEVICES = {
     'TPU v4': DeviceSpec(275e12, 275e12, 32 * GiB, 'per chip (megacore)'),
     'TPU v5 lite': DeviceSpec(197e12, 197e12, 16 * GiB, 'v5e, per chip'),
     'TPU v5p': DeviceSpec(459e12, 459e12, 95 * GiB, 'per chip (megacore)'),
+    'TPU v5': DeviceSpec(459e12, 459e12, 95 * GiB, 'v5p as JAX names it (after v5 lite)'),
     'TPU v6 lite': DeviceSpec(918e12, 918e12, 32 * GiB, 'v6e (Trillium), per chip'),
     'H100': DeviceSpec(989e12, 494e12, 80 * GiB, 'SXM; float32 matmuls on TF32 tensor cores'),
     'H200': DeviceSpec(989e12, 494e12, 141 * GiB, 'SXM; float32 matmuls on TF32 tensor cores'),

@@ -109,6 +109,37 @@ def make_train_step(sae: SparseAutoencoder, tx: optax.GradientTransformation,
   return train_step
 
 
+def jit_train_step(sae: SparseAutoencoder, tx: optax.GradientTransformation,
+                   config: ml_collections.ConfigDict, mesh, shardings: dict):
+  """The step jitted once with the state's shardings in and out, the batch's, and the
+  state donated."""
+  data_sharding = sharding_lib.batch_sharding(mesh, config.mesh.logical_axis_rules)
+  return jax.jit(make_train_step(sae, tx, config), in_shardings=(shardings, data_sharding),
+                 out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
+
+
+def compiled_step_memory(config: ml_collections.ConfigDict, d_model: int, mesh) -> dict:
+  """Compiles the train step for `mesh` from the abstract state alone (nothing is
+  allocated) and returns XLA's memory analysis of one device, in bytes:
+  arguments, outputs, aliased (donated), temporaries, and `peak` = arguments +
+  outputs - aliased + temporaries."""
+  sae = make_sae(config.sae, d_model)
+  tx = schedules.make_optimizer(config.optim, config.train.num_steps)
+  abstract, shardings = state_lib.state_shardings(sae, tx, config.seed, mesh,
+                                                  config.mesh.logical_axis_rules)
+  batch = jax.ShapeDtypeStruct(
+      (config.train.batch_size, d_model), jnp.float32,
+      sharding=sharding_lib.batch_sharding(mesh, config.mesh.logical_axis_rules))
+  step = jit_train_step(sae, tx, config, mesh, shardings)
+  compiled = step.lower(state_lib.abstract_with_shardings(abstract, shardings), batch).compile()
+  m = compiled.memory_analysis()
+  out = {'arguments': m.argument_size_in_bytes, 'outputs': m.output_size_in_bytes,
+         'aliased': m.alias_size_in_bytes, 'temporaries': m.temp_size_in_bytes}
+  out['peak'] = out['arguments'] + out['outputs'] - out['aliased'] + out['temporaries']
+  out['state'] = state_lib.per_device_bytes(abstract, shardings)
+  return out
+
+
 def metric_names(sae: SparseAutoencoder, tx, config, abstract_state, batch_shape) -> list[str]:
   """The sorted metric names the step returns (the order of the non-finite mask)."""
   step = make_train_step(sae, tx, config)
@@ -325,10 +356,7 @@ def _train_loop(run: Run, config: ml_collections.ConfigDict, state: dict, workdi
   rules = config.mesh.logical_axis_rules
   data_sharding = sharding_lib.batch_sharding(run.mesh, rules)
   names = metric_names(run.sae, run.tx, config, run.abstract, (batch_size, run.reader.d_model))
-  train_step = jax.jit(make_train_step(run.sae, run.tx, config),
-                       in_shardings=(run.shardings, data_sharding),
-                       out_shardings=(run.shardings, sharding_lib.replicated(run.mesh)),
-                       donate_argnums=0)
+  train_step = jit_train_step(run.sae, run.tx, config, run.mesh, run.shardings)
   config_dict = config.to_dict()
   start_step = int(state['step'])
   out = {'train': {}, 'preempted': False}
@@ -410,8 +438,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     A summary: final step, the last training metrics, the held-out evaluation,
     whether the run was preempted, and where its outputs are.
   """
-  os.makedirs(workdir, exist_ok=True)
-  run = open_run(config, workdir)
+  run = open_run(config, workdir)  # refuses bad input before writing anything
   store_path = run.reader.path
   summary = {'workdir': os.path.abspath(workdir), 'store': store_path,
              'metrics': os.path.join(os.path.abspath(workdir), 'metrics.jsonl'),
