@@ -14,6 +14,11 @@ same shapes. Every round times the ceiling, dictlearn and the peers one after
 the other, so the ratios compare figures taken under the same machine load;
 the table gives medians over rounds.
 
+MFU: model FLOPs per token (`dictlearn.sae.flops.model_flops_per_token`, the
+trainer's and the scaling sweep's formula) x tokens/s over the device's peak
+(`dictlearn.train.throughput`; on a CPU, a float32 matmul measured once, printed
+first). The ceiling's MFU is the encoder matmul's rate counted the same way.
+
 The sparse paths of relu_l1 and jumprelu depend on how many latents fire, so
 they are timed in two states: `init` (the fresh state: about half the latents
 fire, each batch overflows the capacity and runs the exact dense formulation,
@@ -40,8 +45,10 @@ import numpy as np
 
 from dictlearn import sharding as sharding_lib
 from dictlearn.sae import make_sae
+from dictlearn.sae.flops import model_flops_per_token
 from dictlearn.train import schedules
 from dictlearn.train import state as state_lib
+from dictlearn.train import throughput
 from dictlearn.train.trainer import make_train_step
 from experiments import base
 
@@ -206,6 +213,11 @@ def main(argv=None) -> int:
   use_peers = not args.no_peers and os.path.exists(args.peers)
   print(f'devices: {jax.devices()}; batch {args.batch}, k {args.k}; {args.rounds} rounds of '
         f'{args.repeats} steps; peers: {args.peers if use_peers else "none"}', flush=True)
+  peak = throughput.peak_flops(jax.devices()[:1], 'float32')
+  how = 'measured by a 1024x1024 matmul' if jax.devices()[0].platform == 'cpu' else 'table'
+  print(f'peak: {peak / 1e9:,.1f} GFLOP/s float32 for {jax.devices()[0].device_kind} ({how}); '
+        f'load average {" ".join(f"{v:.2f}" for v in os.getloadavg())}',
+        flush=True)
   rows = []
   for shape in args.shapes:
     d, n = (int(v) for v in shape.split('x'))
@@ -236,8 +248,11 @@ def main(argv=None) -> int:
       rate = args.batch / statistics.median(seconds)
       state = {'init': 'init', 'sparse': 'L0~k'}[regime]
       note = ', '.join(f'{m} {v:.3g}' for m, v in extra[(arch, regime)].items())
-      row = (f'{arch:9s} {state:5s} d={d} n={n:<6d} {rate:8,.0f} tok/s | ceiling '
-             f'{ceiling_rate:8,.0f} tok/s, {100 * rate / ceiling_rate:5.1f}%')
+      flops = model_flops_per_token(arch, n, d, args.k, sparse_kernels=arch != 'topk',
+                                    l0=extra[(arch, regime)].get('l0'))
+      row = (f'{arch:9s} {state:5s} d={d} n={n:<6d} {rate:8,.0f} tok/s MFU '
+             f'{100 * rate * flops / peak:5.1f}% | ceiling {ceiling_rate:8,.0f} tok/s (MFU '
+             f'{100 * ceiling_rate * flops / peak:5.1f}%), {100 * rate / ceiling_rate:5.1f}%')
       for label, _, _ in peer_runs(arch, d, n, args.batch, args.k, args.repeats):
         if label in peers:
           peer = statistics.median(peers[label])

@@ -54,14 +54,18 @@ def sae_training_flops(n_latents, tokens, d_model, k=None, sparse_decode: bool =
   return per_token * tokens
 
 
-def model_flops_per_token(architecture: str, n_latents: int, d_model: int, k: int) -> float:
+def model_flops_per_token(architecture: str, n_latents: int, d_model: int, k: int, *,
+                          sparse_kernels: bool = False, l0: float | None = None) -> float:
   """Model FLOPs per training token of an SAE, as MFU counts them.
 
-  TopK and BatchTopK have k active latents by construction, so their model FLOPs
-  are the sparse count (like the active parameters of a mixture of experts);
-  ReLU/L1 and JumpReLU have no fixed k, so theirs are the dense count (the
-  convention of Gemma Scope's published MFU).
+  TopK and BatchTopK have k active latents by construction: the sparse count
+  with k (like the active parameters of a mixture of experts). ReLU/L1 and
+  JumpReLU have no fixed k: trained with dense kernels (`sae.sparse_capacity`
+  0, the convention of Gemma Scope's published MFU) the dense count; with sparse
+  kernels, the sparse count at the measured L0 (as the sweep's `flops_sparse`).
   """
   if architecture in ('topk', 'batchtopk'):
     return float(sae_training_flops(n_latents, 1, d_model, k=k, sparse_decode=True))
+  if sparse_kernels and l0 is not None:
+    return float(sae_training_flops(n_latents, 1, d_model, k=l0, sparse_decode=True))
   return float(sae_training_flops(n_latents, 1, d_model))

@@ -106,10 +106,16 @@ class Accounting:
   """tokens/s -> {'tokens_per_second', 'flops_per_token', 'mfu'} for one run's mesh."""
 
   def __init__(self, config, d_model: int, mesh):
-    s = config.sae
-    self.flops_per_token = model_flops_per_token(s.architecture, s.n_latents, d_model, s.k)
-    self.peak = peak_flops(list(mesh.devices.flat), s.dtype)
+    self._sae, self._d_model = config.sae, d_model
+    self.peak = peak_flops(list(mesh.devices.flat), config.sae.dtype)
 
-  def record(self, tokens_per_second: float) -> dict:
-    return {'tokens_per_second': tokens_per_second, 'flops_per_token': self.flops_per_token,
-            'mfu': tokens_per_second * self.flops_per_token / self.peak}
+  def flops_per_token(self, metrics: dict) -> float:
+    s = self._sae
+    return model_flops_per_token(s.architecture, s.n_latents, self._d_model, s.k,
+                                 sparse_kernels=s.sparse_capacity > 0, l0=metrics.get('l0'))
+
+  def record(self, tokens_per_second: float, metrics: dict) -> dict:
+    """The throughput fields of a metrics record (`metrics`: the step's, for L0)."""
+    flops = self.flops_per_token(metrics)
+    return {'tokens_per_second': tokens_per_second, 'flops_per_token': flops,
+            'mfu': tokens_per_second * flops / self.peak}

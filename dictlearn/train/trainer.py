@@ -384,7 +384,7 @@ def _train_loop(run: Run, config: ml_collections.ConfigDict, state: dict, workdi
           record = metrics_lib.to_python(metrics)
           elapsed = time.perf_counter() - window_start
           record['data_wait_fraction'] = wait_time / max(elapsed, 1e-9)
-          record.update(accounting.record(progress.update(step)))
+          record.update(accounting.record(progress.update(step), record))
           progress.show(record)
           writer.write(step, record)
           out['train'] = record
