@@ -194,7 +194,7 @@ def check_batch(config: ml_collections.ConfigDict, mesh) -> None:
 # The loop
 # ---------------------------------------------------------------------------
 
-class _Preemption:
+class Preemption:
   """Turns SIGTERM into a flag the loop checks after each step."""
 
   def __init__(self):
@@ -216,7 +216,7 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _raise_nonfinite(state: dict, names: list[str]) -> None:
+def raise_if_nonfinite(state: dict, names: list[str]) -> None:
   # Only the two replicated scalars come to the host (the latent statistics may
   # be sharded over processes).
   stats = jax.device_get({k: state['stats'][k] for k in ('nonfinite_step', 'nonfinite_mask')})
@@ -230,7 +230,7 @@ def _raise_nonfinite(state: dict, names: list[str]) -> None:
       f'state (the last checkpoint is intact): lower optim.learning_rate or check the data')
 
 
-def _preempted(preemption: _Preemption, step: int, log_every: int) -> bool:
+def stop_requested(preemption: Preemption, step: int, log_every: int) -> bool:
   """Whether to save and stop after `step`. Several processes agree on it (a collective,
   at log steps only, so that they stop at the same step and the check costs little)."""
   if jax.process_count() == 1:
@@ -370,7 +370,7 @@ def _train_loop(run: Run, config: ml_collections.ConfigDict, state: dict, workdi
   accounting = throughput.Accounting(config, run.reader.d_model, run.mesh)
   wait_time, window_start = 0.0, time.perf_counter()
   try:
-    with _Preemption() as preemption, loader:
+    with Preemption() as preemption, loader:
       step = start_step
       batches = iter(loader)
       while step < num_steps:
@@ -380,7 +380,7 @@ def _train_loop(run: Run, config: ml_collections.ConfigDict, state: dict, workdi
         state, metrics = train_step(state, batch)
         step += 1
         if step % config.train.log_every == 0 or step == num_steps:
-          _raise_nonfinite(state, names)
+          raise_if_nonfinite(state, names)
           record = metrics_lib.to_python(metrics)
           elapsed = time.perf_counter() - window_start
           record['data_wait_fraction'] = wait_time / max(elapsed, 1e-9)
@@ -389,10 +389,10 @@ def _train_loop(run: Run, config: ml_collections.ConfigDict, state: dict, workdi
           writer.write(step, record)
           out['train'] = record
           wait_time, window_start = 0.0, time.perf_counter()
-        preempted = _preempted(preemption, step, config.train.log_every)
+        preempted = stop_requested(preemption, step, config.train.log_every)
         if (step % config.train.checkpoint_every == 0 or step in (num_steps, stop_at)
             or preempted):
-          _raise_nonfinite(state, names)
+          raise_if_nonfinite(state, names)
           ckpt_lib.save(run.manager, step, state, config_dict, run.run_info)
         if preempted or step == stop_at:
           out.update(preempted=preempted, stopped_at=step)
@@ -403,7 +403,7 @@ def _train_loop(run: Run, config: ml_collections.ConfigDict, state: dict, workdi
   return state, out
 
 
-def _final_evaluation(run: Run, config: ml_collections.ConfigDict, state: dict,
+def final_evaluation(run: Run, config: ml_collections.ConfigDict, state: dict,
                       store_path: str) -> dict:
   """Held-out FVU, L0, dead/dense (and, on synthetic data, the recovered fraction)."""
   evaluation = evaluate_reconstruction(
@@ -454,7 +454,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     finished = summary['step'] == config.train.num_steps or (
         stop_at is not None and summary.get('stopped_at') == stop_at)
     if finished and not summary['preempted'] and config.train.eval_batches > 0:
-      summary['eval'] = _final_evaluation(run, config, state, store_path)
+      summary['eval'] = final_evaluation(run, config, state, store_path)
       writer.write(summary['step'], summary['eval'], prefix='eval')
   finally:
     writer.close()
