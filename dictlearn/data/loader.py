@@ -12,8 +12,10 @@ are a pure function of (seed, i): resume is replay from the step.
 Reading. A window's chunks are read whole (one TensorStore read per chunk, issued
 together) while the previous window is still being consumed, then the batches
 gather from that buffer. Each process takes only the rows its devices hold (its
-contiguous slice of the batch), though it reads the whole window: the shuffle
-spreads every process's rows over the window.
+contiguous slice of the batch) and puts only those on its devices
+(`jax.make_array_from_process_local_data`), though it reads the whole window: the
+shuffle spreads every process's rows over the window's chunks, and a chunk is
+the store's unit of reading. `rows_read` counts what was read.
 """
 import logging
 import queue
@@ -208,6 +210,7 @@ class Loader:
     self._order = ShuffleOrder(**self._order_args)
     self._local = _local_rows(sharding, self.batch_size, reader.d_model)
     self.step = int(start_step)
+    self.rows_read = 0  # rows read from the store so far (read-ahead included)
     self._queue = queue.Queue(maxsize=int(prefetch))
     self._stop = threading.Event()
     self._failure = None
@@ -255,8 +258,9 @@ class Loader:
     for key in ((e, w), nxt):
       if key not in windows:
         cr, n = self.reader.chunk_rows, self.n_train
-        windows[key] = [self.reader.read_rows_async(c * cr, min((c + 1) * cr, n))
-                        for c in order.window(*key)[0]]
+        spans = [(c * cr, min((c + 1) * cr, n)) for c in order.window(*key)[0]]
+        windows[key] = [self.reader.read_rows_async(a, b) for a, b in spans]
+        self.rows_read += sum(b - a for a, b in spans)
     if isinstance(windows[(e, w)], list):
       chunks = [f.result() for f in windows[(e, w)]]
       windows[(e, w)] = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)

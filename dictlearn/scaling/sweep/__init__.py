@@ -6,9 +6,12 @@ its own workdir under the sweep directory. Then either
 
     python -m dictlearn.scaling.sweep run --config experiments/scaling_sweep.py --out DIR
 
-trains them one after another here, evaluating each at `eval_fractions` of its
-training (by stopping and resuming the same run, so the points lie on one
-learning-rate schedule), or
+trains them here, evaluating each at `eval_fractions` of its training (the
+points lie on one learning-rate schedule). Runs that share their data order
+(store, seed, batch size: `dictlearn.train.group.data_order`) train together, one
+group after another: each batch is read once and every run of the group takes
+its step in one jitted function (`dictlearn.train.group`), each with its own
+state, checkpoints, metrics and resume. Or
 
     python -m dictlearn.scaling.sweep commands --config ... --out DIR
 
@@ -39,8 +42,8 @@ from dictlearn import logs
 from dictlearn.data import store as store_lib
 from dictlearn.scaling import laws
 from dictlearn.train import checkpoint as ckpt_lib
+from dictlearn.train import group as group_lib
 from dictlearn.train import metrics as metrics_lib
-from dictlearn.train.trainer import train_and_evaluate
 
 RESULTS = 'results.jsonl'
 
@@ -205,30 +208,58 @@ def collect(sweep: ml_collections.ConfigDict, out_dir: str) -> list[dict]:
   return records
 
 
+def group_runs(runs: list[Run], configs: dict) -> list[list[Run]]:
+  """The runs in groups that share their data order, in the order they first appear."""
+  groups = {}
+  for run in runs:
+    groups.setdefault(group_lib.data_order(configs[run.name]), []).append(run)
+  return list(groups.values())
+
+
+def _evaluated(sweep: ml_collections.ConfigDict):
+  """eval_done(workdir, step) for the sweep: recorded, with CE when the sweep wants it."""
+
+  def done(workdir: str, step: int) -> bool:
+    return any(r['step'] == step and (sweep.ce_contexts == 0 or 'ce_loss_recovered' in r)
+               for r in metrics_lib.read_metrics(workdir, 'eval'))
+
+  return done
+
+
 def run_sweep(sweep: ml_collections.ConfigDict, out_dir: str) -> list[dict]:
-  """Trains every run here, in order, evaluating along the way; resumable."""
+  """Trains every run here, a group of runs sharing their data order at a time,
+  evaluating along the way; resumable."""
   os.makedirs(out_dir, exist_ok=True)
   runs = expand(sweep)
-  lm_model = None
-  if sweep.ce_contexts > 0 and runs:
-    lm_model = _harvested_model(run_config(sweep, runs[0]))
-  for i, run in enumerate(runs):
+  configs = {}
+  for run in runs:
     config = run_config(sweep, run)
     config.unlock()
     config.train.eval_batches = sweep.eval_batches
     config.lock()
-    workdir = run.workdir(out_dir)
-    done = {r['step'] for r in metrics_lib.read_metrics(workdir, 'eval')
-            if sweep.ce_contexts == 0 or 'ce_loss_recovered' in r}
-    for step in eval_steps(config.train.num_steps, sweep.eval_fractions):
-      if step in done:
-        continue
-      logs.stage('sweep run %d/%d %s: training to step %d', i + 1, len(runs), run.name, step)
-      train_and_evaluate(config, workdir, stop_at=step)
-      if sweep.ce_contexts > 0:  # the model's own loss with the SAE spliced in
-        ce = evals.evaluate_checkpoint(workdir, step, eval_batches=0,
-                                       ce_contexts=sweep.ce_contexts, lm_model=lm_model)
-        evals.record_evaluation(workdir, step, ce)
+    configs[run.name] = config
+  done = _evaluated(sweep)
+  todo = [run for run in runs if not all(
+      done(run.workdir(out_dir), step)
+      for step in eval_steps(configs[run.name].train.num_steps, sweep.eval_fractions))]
+  lm_model = None
+  if sweep.ce_contexts > 0 and todo:
+    lm_model = _harvested_model(configs[todo[0].name])
+
+  def add_ce(member, step):  # the model's own loss with the SAE spliced in
+    ce = evals.evaluate_checkpoint(member.workdir, step, eval_batches=0,
+                                   ce_contexts=sweep.ce_contexts, lm_model=lm_model)
+    evals.record_evaluation(member.workdir, step, ce)
+
+  groups = group_runs(todo, configs)
+  for i, group in enumerate(groups):
+    logs.stage('sweep group %d/%d: %d runs on one read of the data (%s)', i + 1, len(groups),
+               len(group), ', '.join(run.name for run in group))
+    group_lib.train_group(
+        [configs[run.name] for run in group], [run.workdir(out_dir) for run in group],
+        eval_steps=[eval_steps(configs[run.name].train.num_steps, sweep.eval_fractions)
+                    for run in group],
+        after_eval=add_ce if sweep.ce_contexts > 0 else None, eval_done=done)
     collect(sweep, out_dir)
   return collect(sweep, out_dir)
 
