@@ -241,7 +241,10 @@ def _train(members: Sequence[Member], after_eval, eval_done, stop_at) -> None:
           break
   finally:
     progress.close()
-  log.info('group of %d runs stopped at step %d', len(pending), step)
+  for m in pending:  # one read of the data served them all
+    m.summary.update(rows_read=loader.rows_read, group_size=len(pending))
+  log.info('group of %d runs stopped at step %d; %d rows read from the store', len(pending),
+           step, loader.rows_read)
 
 
 def _log(m: Member, metrics, rate: float, wait_fraction: float, group_size: int) -> None:

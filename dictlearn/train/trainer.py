@@ -351,7 +351,7 @@ def _train_loop(run: Run, config: ml_collections.ConfigDict, state: dict, workdi
                 writer: metrics_lib.MetricWriter, stop_at: int | None) -> tuple[dict, dict]:
   """Steps from the state's step to num_steps (or stop_at, or SIGTERM), logging and
   checkpointing on the way. Returns (state, {'train': last metrics, 'preempted',
-  'stopped_at'})."""
+  'stopped_at', 'rows_read' from the store})."""
   num_steps, batch_size = config.train.num_steps, config.train.batch_size
   rules = config.mesh.logical_axis_rules
   data_sharding = sharding_lib.batch_sharding(run.mesh, rules)
@@ -400,6 +400,7 @@ def _train_loop(run: Run, config: ml_collections.ConfigDict, state: dict, workdi
     run.manager.wait_until_finished()
   finally:
     progress.close()
+  out['rows_read'] = loader.rows_read
   return state, out
 
 
