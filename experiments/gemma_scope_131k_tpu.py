@@ -9,11 +9,12 @@ so no gradient of a weight is ever all-reduced), and the dense encoder runs on t
 MXU (`sae.sparse_capacity = 0`).
 
 One TPU VM host (v3-8 and v4-8 are single hosts): harvest the store to gs://
-first, then, from your machine,
+first, mount the bucket for the workdir (gcsfuse at /gcs/BUCKET: checkpoints,
+metrics and TensorBoard are files), then, from your machine,
 
     gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=all --command \\
       'cd dictlearn && python -m dictlearn.train --config experiments/gemma_scope_131k_tpu.py \\
-       --workdir gs://BUCKET/runs/gemma131k --config.data.store=gs://BUCKET/acts/blocks.12'
+       --workdir /gcs/BUCKET/runs/gemma131k --config.data.store=gs://BUCKET/acts/blocks.12'
 
 (`--worker=all` runs the same command on every host of a bigger slice too, where
 `--config.distributed.initialize=always` lets JAX find the other hosts.)

@@ -8,11 +8,12 @@ v5p-16 (8 chips), '4m' on a v5p-64 (32 chips), '34m' on a v5p-256 (128 chips,
 step's peak, of a chip's 95 GiB).
 
 A pod slice is several hosts: the same command on every one, JAX finds the others
-(`distributed.initialize = 'always'`); checkpoints and the store on gs://:
+(`distributed.initialize = 'always'`); the store on gs://, the workdir on the
+bucket mounted by gcsfuse on every host (/gcs/BUCKET), so that all see it:
 
     gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=all --command \\
       'cd dictlearn && python -m dictlearn.train \\
-       --config experiments/scaling_monosemanticity.py:34m --workdir gs://BUCKET/runs/mono34m \\
+       --config experiments/scaling_monosemanticity.py:34m --workdir /gcs/BUCKET/runs/mono34m \\
        --config.data.store=gs://BUCKET/acts/resid_mid'
 
 Expected step time: 10 d n FLOPs per token (`dictlearn.sae.flops`) x 4096

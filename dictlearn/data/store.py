@@ -23,7 +23,8 @@ also writes a trailing partial shard. After each write the committed row count a
 the float64 statistics go to `progress.json` (a single kvstore write: an atomic
 rename on local disk, an atomic object on cloud stores). A killed writer is reopened
 with the same arguments and resumes at the committed row, overwriting anything
-beyond it. One writer per store at a time.
+beyond it. One writer per store at a time, or several processes each writing
+its own blocks of whole shard files (`BlockWriter`, for a multi-host harvest).
 """
 import json
 import logging

@@ -25,6 +25,12 @@ reopens the writers, restarts packing at the latest checkpoint at or before the
 fewest committed rows, and hands each store only the rows past its own committed
 count: the finished stores hold every token once, in the uninterrupted order.
 Errors (a bad corpus file met mid-way, Ctrl-C) flush what was appended first.
+
+Several processes (a multi-host run, `dictlearn.distributed`): the same stores,
+filled by all; each process runs the model over the contexts of its own store
+shards and process 0 writes the manifests and the summary last
+(`dictlearn.harvest.parallel`). A harvest resumes with the process count it
+started with.
 """
 import json
 import logging

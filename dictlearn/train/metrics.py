@@ -1,4 +1,9 @@
-"""Metric records: JSONL and TensorBoard event files in the workdir, and a progress bar."""
+"""Metric records: JSONL and TensorBoard event files in the workdir, and a progress bar.
+
+A training record holds the step's metrics and the throughput: tokens_per_second,
+flops_per_token and mfu (`dictlearn.train.throughput`), data_wait_fraction. In a
+multi-process run only process 0 writes (`MetricWriter(enabled=...)`).
+"""
 import json
 import math
 import os

@@ -4,8 +4,10 @@
     python -m dictlearn.scaling.sweep commands --config ... --out DIR   # one trainer command per run
     python -m dictlearn.scaling.sweep collect --config ... --out DIR    # rebuild DIR/results.jsonl
 
-`run` trains the runs here, one after another, evaluating each along its
-training; it resumes where it stopped. Details go to DIR/log.txt.
+`run` trains the runs here, evaluating each along its training; runs that share
+their data order (store, seed, batch size) train together on one read of every
+batch, each with its own checkpoints and metrics. It resumes where it stopped.
+Details go to DIR/log.txt.
 """
 import os
 
