@@ -15,6 +15,11 @@ For each, tokens/s per SAE = tokens each SAE trains on / wall time to train all 
 (the first logging window, which holds the compilation, left out: figures from
 the metrics' tokens_per_second of the later windows), and rows read from the
 store per SAE (`Loader.rows_read`). Prints a Markdown table (BUILD_NOTES.md).
+
+`--vmap` times instead why same-shaped members are not stacked: N identical
+TopK steps side by side in one jit against one `jax.vmap`ped step over the
+stacked states (vmap turns the sparse paths' `lax.cond`s into selects that run
+both branches).
 """
 import argparse
 import os
@@ -22,12 +27,19 @@ import statistics
 import sys
 import tempfile
 
+import time
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dictlearn.data import store as store_lib
+from dictlearn.sae import make_sae
+from dictlearn.train import schedules
+from dictlearn.train import state as state_lib
 from dictlearn.train import group as group_lib
 from dictlearn.train import metrics as metrics_lib
-from dictlearn.train.trainer import train_and_evaluate
+from dictlearn.train.trainer import make_train_step, train_and_evaluate
 from experiments import base
 
 
@@ -50,6 +62,35 @@ def steady_rate(workdir):
                            for r in metrics_lib.read_metrics(workdir, 'train')[1:])
 
 
+def bench_vmap(args) -> None:
+  """Median seconds of N same-shaped steps side by side in one jit, and vmapped."""
+  config = make_config(args, args.n_latents, '')
+  sae = make_sae(config.sae, args.d_model)
+  tx = schedules.make_optimizer(config.optim, config.train.num_steps)
+  step = make_train_step(sae, tx, config)
+  states = tuple(jax.jit(lambda s=s: state_lib.init_state(sae, tx, s))() for s in range(args.n))
+  x = jax.random.normal(jax.random.key(0), (args.batch, args.d_model))
+  side = jax.jit(lambda sts, b: tuple(step(s, b) for s in sts))
+  vmapped = jax.jit(jax.vmap(step, in_axes=(0, None)))
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
+
+  def seconds(fn, arg, repeats=5):
+    jax.block_until_ready(fn(arg, x))
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(arg, x))
+      times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+  rounds = [(seconds(side, states), seconds(vmapped, stacked)) for _ in range(3)]
+  a, b = (statistics.median(r[i] for r in rounds) for i in (0, 1))
+  load = ' '.join(f'{v:.2f}' for v in os.getloadavg())
+  print(f'{args.n} TopK steps (d_model {args.d_model}, n_latents {args.n_latents}, k {args.k}, '
+        f'batch {args.batch}): side by side {a * 1e3:.0f} ms, vmapped {b * 1e3:.0f} ms '
+        f'({b / a:.1f}x); load average {load}')
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--n', type=int, default=4)
@@ -59,7 +100,11 @@ def main(argv=None) -> int:
   p.add_argument('--batch', type=int, default=1024)
   p.add_argument('--steps', type=int, default=60)
   p.add_argument('--window', type=int, default=10)
+  p.add_argument('--vmap', action='store_true', help='time side by side against vmap instead')
   args = p.parse_args(argv)
+  if args.vmap:
+    bench_vmap(args)
+    return 0
   sizes = [max(args.k * 2, args.n_latents >> i) for i in range(args.n)]
   with tempfile.TemporaryDirectory() as tmp:
     store = os.path.join(tmp, 'store')
