@@ -5,6 +5,7 @@ import os
 import pytest
 
 from dictlearn.scaling import sweep as sweep_lib
+from dictlearn.train import metrics as metrics_lib
 from experiments import scaling_sweep
 
 
@@ -30,7 +31,6 @@ def test_run_sweep_records_every_point_and_resumes(tmp_path):
   records = sweep_lib.run_sweep(sweep, str(tmp_path))
   assert len(records) == 3 * 2
   # The three runs share their data order: trained as one group, each batch read once.
-  from dictlearn.train import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
   for run in sweep_lib.expand(sweep):
     assert metrics_lib.read_metrics(run.workdir(str(tmp_path)), 'train')[-1]['group_size'] == 3
   assert sorted({r['step'] for r in records}) == [20, 40]
