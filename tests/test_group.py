@@ -70,6 +70,7 @@ def test_group_stops_and_resumes_bitwise_and_a_run_ahead_joins(together, tmp_pat
   configs = [config(**m) for m in MEMBERS]
   resumed = [str(tmp_path / f'r{i}') for i in range(len(MEMBERS))]
   group_lib.train_group(configs, resumed, eval_steps=[(8,)] * 3, stop_at=5)
+  assert [ckpt_lib.latest_step(ckpt_lib.checkpoint_dir(d)) for d in resumed] == [5, 5, 5]
   group_lib.train_group(configs, resumed, eval_steps=[(8,)] * 3)
   for a, b in zip(dirs, resumed):
     sa, sb = state(a), state(b)

@@ -22,7 +22,9 @@ import numpy as np
 import pytest
 
 from dictlearn import harvest as harvest_lib
+from dictlearn.data import corpus as corpus_lib
 from dictlearn.data import store as store_lib
+from dictlearn.harvest import parallel
 from dictlearn.lm import gguf
 from dictlearn.train import checkpoint as ckpt_lib
 from dictlearn.train import metrics as metrics_lib
@@ -254,3 +256,49 @@ def test_bad_distributed_sections_are_named(fields, message, monkeypatch):
   with pytest.raises(ValueError, match=re.escape(message)):
     distributed.check_config(config)
   assert not distributed.wanted(base.distributed_config())  # one process by default
+
+
+def test_block_harvest_resumes_after_a_kill_and_equals_one_process(tmp_path, monkeypatch):
+  """The two processes' halves of a harvest, run here one after the other (they need
+  no collective), process 1 killed after its third forward pass and rerun."""
+  tiny_lm.write_tiny_gguf(tmp_path / 'tiny.gguf', np.random.default_rng(0))
+  config = harvest_smollm2.get_config('tiny')
+  with config.unlocked():
+    config.model = str(tmp_path / 'tiny.gguf')
+  model = gguf.load_gguf(config.model)
+  harvest_lib.harvest(config, tmp_path / 'one', model=model)
+  out, sites = tmp_path / 'two', tuple(config.sites)
+  for site in sites:
+    store_lib.create_block_store(
+        f'{out}/{site}', model[0].d_model, config.store_dtype, chunk_rows=config.store_chunk_rows,
+        shard_chunks=config.store_shard_chunks, metadata={'model': 'tiny', 'site': site},
+        n_processes=2)
+  writers = lambda p: {s: store_lib.BlockWriter(f'{out}/{s}', process=p, n_processes=2)
+                       for s in sites}
+  corpus = lambda: corpus_lib.Corpus(config.corpus)
+  forward, calls = parallel.llama.forward, []
+
+  def dies_on_the_fourth(*args, **kwargs):
+    calls.append(1)
+    if len(calls) > 3:
+      raise KeyboardInterrupt
+    return forward(*args, **kwargs)
+
+  monkeypatch.setattr(parallel.llama, 'forward', dies_on_the_fourth)
+  with pytest.raises(KeyboardInterrupt):
+    parallel.run(config, str(out), corpus(), model, writers(1))
+  monkeypatch.setattr(parallel.llama, 'forward', forward)
+  killed = writers(1)[sites[0]]
+  assert killed.committed_blocks > 0 and killed.resume_note['rows'] > 0
+  parallel.run(config, str(out), corpus(), model, writers(1))  # resumes at its note
+  n_tokens, _, _, _, _ = parallel.run(config, str(out), corpus(), model, writers(0))
+  with pytest.raises(ValueError, match='is being filled by 2 processes; reopened by 3'):
+    store_lib.BlockWriter(f'{out}/{sites[0]}', process=0, n_processes=3)
+  for site in sites:
+    store_lib.finish_block_store(f'{out}/{site}', n_tokens)
+    a, b = (store_lib.StoreReader(f'{d}/{site}') for d in (tmp_path / 'one', out))
+    assert a.n_rows == b.n_rows == n_tokens == 2000
+    for read in ('read_tokens', 'read_doc', 'read_pos'):
+      np.testing.assert_array_equal(getattr(b, read)(0, 2000), getattr(a, read)(0, 2000))
+    np.testing.assert_allclose(b.read_rows(0, 2000), a.read_rows(0, 2000), rtol=1e-5, atol=1e-5)
+    assert b.manifest['statistics']['count'] == 2000
