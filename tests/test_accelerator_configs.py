@@ -8,14 +8,21 @@ to spare for the runtime. A CPU compilation is not the TPU's or the GPU's (other
 fusions and layouts), so the figure is an estimate; it is exact for the state.
 """
 import json
+import math
 import os
 import runpy
 import subprocess
 import sys
 
+import jax
 import pytest
 
+from dictlearn import sharding as sharding_lib
+from dictlearn.sae import make_sae
+from dictlearn.train import schedules
+from dictlearn.train import state as state_lib
 from dictlearn.train import throughput
+from dictlearn.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, 'tests', 'accelerator_compile_worker.py')
@@ -74,3 +81,20 @@ def test_a_config_too_big_for_its_device_fails_the_check(compiled):
   ok, figures = fits(compiled[TOO_BIG[0]], *TOO_BIG)
   assert not ok, figures
   assert compiled[TOO_BIG[0]]['state'] > 90 * 2**30  # 96 GiB of parameters and moments
+
+
+def test_a_state_too_big_for_the_devices_is_refused_before_anything_is_written(tmp_path):
+  """On a backend that reports its memory (GPU, TPU; given here, a CPU does not)."""
+  config = runpy.run_path(os.path.join(REPO, 'experiments', 'tiny.py'))['get_config']()
+  mesh = sharding_lib.make_mesh((1, 8), ('data', 'model'))
+  sae = make_sae(config.sae, 16)
+  tx = schedules.make_optimizer(config.optim, config.train.num_steps)
+  abstract, shardings = state_lib.state_shardings(sae, tx, 0, mesh, config.mesh.logical_axis_rules)
+  need = state_lib.per_device_bytes(abstract, shardings)
+  total = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(abstract))
+  assert total / 8 < need < total / 4  # the latent axis split 8 ways, b_dec and scalars not
+  trainer.check_state_fits(abstract, shardings, mesh, str(tmp_path), device_bytes=need)
+  with pytest.raises(ValueError, match=r'needs 0\.00 GiB per device on mesh '
+                     r"\{'data': 1, 'model': 8\}; a cpu holds 0\.00 GiB"):
+    trainer.check_state_fits(abstract, shardings, mesh, str(tmp_path), device_bytes=need - 1)
+  assert not list(tmp_path.iterdir())

@@ -278,16 +278,21 @@ def checkpoint_mesh_note(workdir: str) -> str:
           'can hold: set mesh.shape)')
 
 
-def check_state_fits(abstract: dict, shardings: dict, mesh, workdir: str) -> None:
+def check_state_fits(abstract: dict, shardings: dict, mesh, workdir: str, *,
+                     device_bytes: int | None = None) -> None:
   """Refuses, before anything is read or written, a state whose shards exceed the memory
-  of the devices that would hold them (when the backend reports it; a CPU does not).
+  of the devices that would hold them.
+
+  Args:
+    device_bytes: a device's memory; None to ask the backend (a CPU does not say:
+      no check).
 
   Raises:
     ValueError: naming the bytes per device, the device's memory and the mesh.
   """
   need = state_lib.per_device_bytes(abstract, shardings)
   device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
-  have = (device.memory_stats() or {}).get('bytes_limit')
+  have = device_bytes or (device.memory_stats() or {}).get('bytes_limit')
   if have and need > have:
     raise ValueError(
         f'the train state needs {need / 2**30:.2f} GiB per device on mesh {dict(mesh.shape)}; '
