@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -122,8 +123,9 @@ def _reconstruct(workdir, x):
   snap = common.read_snapshot(workdir)
   sae = make_sae(ml_collections.ConfigDict(snap.config['sae']), snap.run_info['d_model'])
   scale = snap.run_info['data_scale']
-  codes = np.asarray(sae.encode(snap.params, snap.buffers, x * scale))
-  return np.asarray(sae.reconstruct(snap.params, snap.buffers, x * scale)) / scale, codes, snap
+  params, buffers = jax.tree.map(jnp.asarray, (snap.params, snap.buffers))
+  codes = np.asarray(sae.encode(params, buffers, x * scale))
+  return np.asarray(sae.reconstruct(params, buffers, x * scale)) / scale, codes, snap
 
 
 @pytest.mark.parametrize('name,architecture', [

@@ -38,7 +38,7 @@ def check(sae_dir, inputs, expected):
     out = sae.decode(codes).numpy()
   want = np.load(expected)
   result = {'sae_dir': sae_dir, 'sae_lens': sae_lens.__version__,
-            'architecture': sae.cfg.architecture(), 'rows': int(x.shape[0]),
+            'saelens_architecture': sae.cfg.architecture(), 'rows': int(x.shape[0]),
             'max_abs_diff': float(np.max(np.abs(out - want))),
             'max_abs_expected': float(np.max(np.abs(want)))}
   codes_path = expected[:-len('.npy')] + '_codes.npy'
