@@ -29,34 +29,48 @@ own run (its default schedule) is evaluated beside them. Finished pieces in DIR
 are kept, so a rerun only evaluates. Prints a markdown table and writes
 DIR/quality.json.
 """
-import argparse
 import json
 import logging
 import os
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ml_collections
+import numpy as np
 
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-
-from dictlearn import evals  # noqa: E402
-from dictlearn import harvest  # noqa: E402
-from dictlearn import lm  # noqa: E402
-from dictlearn.data import store as store_lib  # noqa: E402
-from dictlearn.interop import saelens  # noqa: E402
-from dictlearn.interop import sparsify  # noqa: E402
-from dictlearn.train import checkpoint as ckpt_lib  # noqa: E402
-from dictlearn.train.trainer import train_and_evaluate  # noqa: E402
+from dictlearn import cli
+from dictlearn import evals
+from dictlearn import harvest
+from dictlearn import lm
+from dictlearn.data import store as store_lib
+from dictlearn.interop import saelens
+from dictlearn.interop import sparsify
+from dictlearn.train import checkpoint as ckpt_lib
+from dictlearn.train.trainer import train_and_evaluate
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 AUXK_ALPHA = 1.0 / 32  # dictlearn's aux_k_coefficient; sparsify's default is 0
 
 
-def matched_config(main: dict) -> ml_collections.ConfigDict:
+def main_job_config(run_config: dict, store: str) -> ml_collections.ConfigDict:
+  """experiments/smollm2_topk.py reading `store`, checked against the finished run's config
+  (a field the run has with another value is an error: the comparison would not be the
+  main job's)."""
+  c = cli.load_config_file(os.path.join(cli.EXPERIMENTS_DIR, 'smollm2_topk.py'))
+  differ = [f'{section}.{k}: run {v!r}, experiment {c[section][k]!r}'
+            for section in ('sae', 'optim', 'train') for k, v in run_config[section].items()
+            if k in c[section] and k not in ('eval_batches',) and
+            json.dumps(v) != json.dumps(c[section][k], default=list)]
+  if differ:
+    raise ValueError('the run was not trained with experiments/smollm2_topk.py: ' + '; '.join(differ))
+  c.unlock()
+  c.data.store = store
+  return c
+
+
+def matched_config(main: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The main job's config with sparsify's schedule: warmup, then linear decay to 0."""
-  c = ml_collections.ConfigDict(main)
+  c = ml_collections.ConfigDict(main.to_dict())
   c.optim.decay, c.optim.final_lr_fraction = 'linear', 0.0
   c.optim.decay_start_fraction = c.optim.warmup_steps / c.train.num_steps
   c.lock()
@@ -87,20 +101,23 @@ def train_peer(peers_python, script, args, out, sae_file):
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(prog=f'python tools/{os.path.basename(__file__)}', description=__doc__)
   parser.add_argument('--run', required=True, help='main-job run directory (store + sae/)')
   parser.add_argument('--out', required=True, help='directory for the runs and results')
   parser.add_argument('--peers_python', default='/work/peers-venv/bin/python')
   parser.add_argument('--ce_contexts', type=int, default=16)
-  args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
-  logging.getLogger('absl').setLevel(logging.ERROR)
+  return cli.run_tool(_main, parser, argv, log_dir=lambda a: a.out)
+
+
+def _main(args) -> int:
   os.makedirs(args.out, exist_ok=True)
 
   main_workdir = os.path.join(args.run, 'sae')
-  _, main_config, run_info = ckpt_lib.read_metadata(ckpt_lib.checkpoint_dir(main_workdir))
-  config = matched_config(main_config)
-  reader = store_lib.StoreReader(run_info['store'])
+  _, run_config, run_info = ckpt_lib.read_metadata(ckpt_lib.checkpoint_dir(main_workdir))
+  store = ckpt_lib.recorded_store(run_info, main_workdir)
+  base = main_job_config(run_config, store)
+  config = matched_config(base)
+  reader = store_lib.StoreReader(store)
   site = reader.manifest['site']
   heldout, batch, steps = (config.data.heldout_tokens, config.train.batch_size,
                            config.train.num_steps)
@@ -108,7 +125,8 @@ def main(argv=None) -> int:
 
   runs = {'dictlearn (main job, its own schedule)': main_workdir}
   dictlearn_dir = os.path.join(args.out, 'dictlearn')
-  train_and_evaluate(config, dictlearn_dir)
+  if ckpt_lib.latest_step(ckpt_lib.checkpoint_dir(dictlearn_dir)) != steps:
+    train_and_evaluate(config, dictlearn_dir)
   runs['dictlearn'] = dictlearn_dir
 
   rows, order = write_rows(reader, reader.n_rows - heldout, steps, batch, config.seed, args.out)
@@ -126,7 +144,6 @@ def main(argv=None) -> int:
           '--dead_feature_window', str(max(1, config.sae.dead_tokens_threshold // batch)),
           '--hook_name', site], 'sae'),
   }
-  base = ml_collections.ConfigDict(main_config)
   for name, (script, extra, sae_subdir) in peers.items():
     out = os.path.join(args.out, name.replace(' ', '_'))
     sae_dir = os.path.join(out, sae_subdir)
@@ -136,10 +153,10 @@ def main(argv=None) -> int:
     workdir = os.path.join(out, 'imported')
     if ckpt_lib.latest_step(ckpt_lib.checkpoint_dir(workdir)) is None:
       if is_sparsify:
-        sparsify.import_sparsify(sae_dir, workdir, store=run_info['store'], site=site,
+        sparsify.import_sparsify(sae_dir, workdir, store=store, site=site,
                                  base_config=base)
       else:
-        saelens.import_saelens(sae_dir, workdir, store=run_info['store'], base_config=base)
+        saelens.import_saelens(sae_dir, workdir, store=store, base_config=base)
     runs[name] = workdir
 
   model = lm.load_gguf(harvest.resolve_model_path(reader.manifest['extra']['harvest']['model']),

@@ -12,26 +12,24 @@ tools/check_sparsify_format.py with the peers' python on them. Prints one JSON l
 per check: the max absolute difference of the reconstructions, the largest
 |reconstruction|, and how many rows chose other latents.
 """
-import argparse
 import json
 import os
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-
-from dictlearn.data import store as store_lib  # noqa: E402
-from dictlearn.interop import common  # noqa: E402
-from dictlearn.interop import saelens  # noqa: E402
-from dictlearn.interop import sparsify  # noqa: E402
-from dictlearn.sae import make_sae  # noqa: E402
-from dictlearn.train.trainer import train_and_evaluate  # noqa: E402
-from experiments import base  # noqa: E402
+from dictlearn import cli
+from dictlearn.data import store as store_lib
+from dictlearn.interop import common
+from dictlearn.interop import saelens
+from dictlearn.interop import sparsify
+from dictlearn.sae import make_sae
+from dictlearn.train import checkpoint as ckpt_lib
+from dictlearn.train.trainer import train_and_evaluate
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 
@@ -40,7 +38,7 @@ def train_small(store: str, scratch: str, steps: int) -> list[str]:
   """A small SAE of every architecture on `store` (skipped where already trained)."""
   workdirs = []
   for arch in ('relu_l1', 'topk', 'batchtopk', 'jumprelu'):
-    c = base.get_config()
+    c = cli.load_config_file(os.path.join(cli.EXPERIMENTS_DIR, 'base.py'))
     c.unlock()
     c.data.store, c.sae.architecture = store, arch
     c.sae.n_latents, c.sae.k, c.sae.aux_k = 1024, 16, 128
@@ -48,7 +46,8 @@ def train_small(store: str, scratch: str, steps: int) -> list[str]:
     c.train.batch_size, c.train.num_steps, c.train.eval_batches = 512, steps, 1
     c.train.checkpoint_every, c.optim.warmup_steps = steps, min(50, steps)
     workdir = os.path.join(scratch, 'train', arch)
-    train_and_evaluate(c, workdir)
+    if ckpt_lib.latest_step(ckpt_lib.checkpoint_dir(workdir)) != steps:
+      train_and_evaluate(c, workdir)
     workdirs.append(workdir)
   return workdirs
 
@@ -56,7 +55,7 @@ def train_small(store: str, scratch: str, steps: int) -> list[str]:
 def reference(workdir: str, rows: int, out: str) -> tuple[str, str]:
   """Writes inputs.npy (raw held-out rows) and expected.npy / expected_codes.npy."""
   snap = common.read_snapshot(workdir)
-  reader = store_lib.StoreReader(snap.run_info['store'])
+  reader = store_lib.StoreReader(snap.store)
   x = np.asarray(reader.read_rows(reader.n_rows - rows, reader.n_rows), np.float32)
   sae = make_sae(ml_collections.ConfigDict(snap.config['sae']), snap.run_info['d_model'])
   scale = np.float32(snap.run_info['data_scale'])
@@ -81,14 +80,17 @@ def peers_check(peers_python: str, script: str, sae_dir: str, inputs: str, expec
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(prog=f'python tools/{os.path.basename(__file__)}', description=__doc__)
   parser.add_argument('--store', required=True, help='activation store the SAEs read')
   parser.add_argument('--scratch', required=True, help='directory for runs and exports')
   parser.add_argument('--workdir', action='append', default=[], help='existing run(s) to check')
   parser.add_argument('--peers_python', default='/work/peers-venv/bin/python')
   parser.add_argument('--rows', type=int, default=2048)
   parser.add_argument('--train_steps', type=int, default=200)
-  args = parser.parse_args(argv)
+  return cli.run_tool(_main, parser, argv)
+
+
+def _main(args) -> int:
   workdirs = list(args.workdir)
   if args.train_steps:
     workdirs += train_small(args.store, args.scratch, args.train_steps)

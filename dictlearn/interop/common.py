@@ -21,15 +21,12 @@ Every directory is written beside its destination and renamed into place
 (`new_directory`), so a failed export or import leaves nothing half-written and
 never touches what was there.
 """
-import argparse
 import contextlib
 import dataclasses
 import hashlib
 import logging
 import os
-import runpy
 import shutil
-import sys
 import tempfile
 
 import jax
@@ -38,6 +35,7 @@ import ml_collections
 import numpy as np
 from safetensors import numpy as safetensors_np
 
+from dictlearn import cli
 from dictlearn.data import store as store_lib
 from dictlearn.sae import make_sae
 from dictlearn.train import checkpoint as ckpt_lib
@@ -63,12 +61,14 @@ class Snapshot:
     step: the checkpoint step.
     params: parameter name -> numpy array (the architecture's names and dtypes).
     buffers: buffer name -> numpy array.
+    store: the store found where the run records it (None: it has none, or it is gone).
   """
   config: dict
   run_info: dict
   step: int
   params: dict
   buffers: dict
+  store: str | None = None
 
   @property
   def architecture(self) -> str:
@@ -77,18 +77,25 @@ class Snapshot:
 
 def read_snapshot(workdir: str, step: int | None = None) -> Snapshot:
   """The SAE of a run's checkpoint (default: the latest) as host arrays."""
+  workdir = ckpt_lib.run_directory(workdir)
   directory = ckpt_lib.checkpoint_dir(workdir)
   step, config, run_info = ckpt_lib.read_metadata(directory, step)
   _, state = ckpt_lib.restore_arrays(directory, step)
   host = lambda tree: {k: np.asarray(jax.device_get(v)) for k, v in tree.items()}
-  return Snapshot(config, run_info, int(step), host(state['params']), host(state['buffers']))
+  store = None
+  if run_info['store']:
+    try:
+      store = ckpt_lib.recorded_store(run_info, workdir)
+    except FileNotFoundError as e:
+      logging.warning('%s', e)
+  return Snapshot(config, run_info, int(step), host(state['params']), host(state['buffers']),
+                  store)
 
 
 def site_and_model(snapshot: Snapshot) -> tuple[str | None, str | None]:
   """(hook site, model) of a run: from its store's manifest, else from its run facts."""
-  store = snapshot.run_info.get('store')
-  if store:
-    manifest = store_lib.StoreReader(store).manifest
+  if snapshot.store:
+    manifest = store_lib.StoreReader(snapshot.store).manifest
     return manifest['site'], manifest['model']
   return snapshot.run_info.get('site'), snapshot.run_info.get('model')
 
@@ -314,11 +321,15 @@ def write_snapshot(snapshot: Snapshot, workdir: str, *, where: str) -> str:
   state['params'] = {k: jnp.asarray(v) for k, v in snapshot.params.items()}
   state['buffers'] = {k: jnp.asarray(v) for k, v in snapshot.buffers.items()}
   state['step'] = jnp.asarray(snapshot.step, jnp.int32)
+  run_info = dict(snapshot.run_info)
+  if run_info['store']:  # recorded as the trainer records it, relative to this workdir too
+    run_info.update(ckpt_lib.run_record(run_info['store'], workdir, d_model=run_info['d_model'],
+                                        data_scale=run_info['data_scale']))
   directory = ckpt_lib.checkpoint_dir(workdir)
   with new_directory(directory) as tmp:
     manager = ckpt_lib.make_manager(tmp, keep=1, async_save=False)
     try:
-      ckpt_lib.save(manager, snapshot.step, state, snapshot.config, snapshot.run_info)
+      ckpt_lib.save(manager, snapshot.step, state, snapshot.config, run_info)
       manager.wait_until_finished()
     finally:
       manager.close()
@@ -350,32 +361,22 @@ def attach_store(snapshot: Snapshot, store: str, *, site: str | None,
   store = store if '://' in store else os.path.abspath(store)
   check_store(store, site=site, d_model=snapshot.run_info['d_model'], model=model)
   config = dict(snapshot.config, data=dict(snapshot.config['data'], store=store))
-  return dataclasses.replace(snapshot, config=config,
+  return dataclasses.replace(snapshot, config=config, store=store,
                              run_info=dict(snapshot.run_info, store=store))
 
 
 # ---- command line ---------------------------------------------------------------
 
 
-def load_base_config(spec: str) -> ml_collections.ConfigDict:
-  """`get_config(arg)` of an experiment file named 'path[:arg]'."""
-  path, _, arg = spec.partition(':')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'--config {spec}: experiment file {path} does not exist (it gives '
-                            'the fields an imported SAE does not carry: optimizer, batch, '
-                            'held-out rows)')
-  return runpy.run_path(path)['get_config'](arg or None)
-
-
 def base_config_if_present(spec: str) -> ml_collections.ConfigDict | None:
-  """`load_base_config(spec)`, or None when its file does not exist (the importers then
-  ask for one only if the SAE needs it)."""
-  return load_base_config(spec) if os.path.exists(spec.partition(':')[0]) else None
+  """`get_config(arg)` of the experiment file 'path[:arg]', or None when there is no such
+  file (the importers then ask for one only if the SAE needs it)."""
+  return cli.load_config_file(spec) if os.path.isfile(spec.partition(':')[0]) else None
 
 
 def make_parser(prog: str, description: str, what: str):
   """(parser, export sub-parser, import sub-parser) with the flags both formats share."""
-  parser = argparse.ArgumentParser(prog=prog, description=description)
+  parser = cli.ArgumentParser(prog=prog, description=description)
   actions = parser.add_subparsers(dest='action', required=True)
   export = actions.add_parser('export', help=f'write a checkpoint as {what}')
   export.add_argument('--workdir', required=True, help='dictlearn run directory')
@@ -386,19 +387,14 @@ def make_parser(prog: str, description: str, what: str):
   imp.add_argument('--workdir', required=True, help='run directory to create checkpoints/ in')
   imp.add_argument('--store', default=None,
                    help='activation store to attach (its site and width are checked)')
-  imp.add_argument('--config', default='experiments/base.py',
+  imp.add_argument('--config', default=os.path.join(cli.EXPERIMENTS_DIR, 'base.py'),
                    help='experiment file[:arg] giving the fields the SAE file does not '
                         'carry (ignored for a dictlearn export, which carries its own)')
   return parser, export, imp
 
 
-def run_cli(action) -> int:
-  """Runs `action()`, printing a user error as one line (exit status 2)."""
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
-  logging.getLogger('absl').setLevel(logging.ERROR)
-  try:
-    print(action())
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  return 0
+def run_command(main, parser, argv) -> int:
+  """Runs `main(args)` through `cli.run_tool` (one-line errors), logging into an import's
+  workdir."""
+  return cli.run_tool(main, parser, argv,
+                      log_dir=lambda a: a.workdir if a.action == 'import' else None)

@@ -3,7 +3,7 @@
     python -m dictlearn.interop.saelens export --workdir DIR --out SAE_DIR [--step N]
         [--model_name NAME]
     python -m dictlearn.interop.saelens import SAE_DIR --workdir DIR [--store PATH]
-        [--config experiments/base.py] [--norm_scaling_factor S]
+        [--config EXPERIMENT] [--norm_scaling_factor S]
 
 The format is sae-lens 6.54.12's (`SAE.save_model`, read by `SAE.load_from_disk`):
 `cfg.json` (d_in, d_sae, dtype, device, apply_b_dec_to_input, normalize_activations,
@@ -99,8 +99,8 @@ def to_saelens(snapshot: common.Snapshot, *, model_name: str | None = None) -> t
   site, model = common.site_and_model(snapshot)
   metadata = {'sae_lens_version': SAELENS_VERSION, 'sae_lens_training_version': None,
               'model_name': model_name or model, 'hook_name': site, 'hook_head_index': None}
-  store = snapshot.run_info.get('store')
-  extra = (store_lib.StoreReader(store).manifest.get('extra') or {}) if store else {}
+  extra = (store_lib.StoreReader(snapshot.store).manifest.get('extra') or {}
+           ) if snapshot.store else {}
   if 'bos_id' in extra:  # a harvested store: contexts of context_length starting with BOS
     metadata.update(prepend_bos=True, context_size=extra['context_length'])
   metadata['training_architecture'] = 'batchtopk' if arch == 'batchtopk' else saelens_arch
@@ -381,15 +381,16 @@ def main(argv=None) -> int:
                            help="metadata.model_name (default: the store's model)")
   import_args.add_argument('--norm_scaling_factor', type=float, default=None,
                            help="for normalize_activations='expected_average_only_in'")
-  args = parser.parse_args(argv)
-  if args.action == 'export':
-    return common.run_cli(lambda: export(args.workdir, args.out, step=args.step,
-                                         model_name=args.model_name))
-  return common.run_cli(lambda: import_saelens(
-      args.sae_dir, args.workdir, store=args.store,
-      base_config=common.base_config_if_present(args.config),
-      norm_scaling_factor=args.norm_scaling_factor))
 
+  def run(args):
+    if args.action == 'export':
+      print(export(args.workdir, args.out, step=args.step, model_name=args.model_name))
+    else:
+      print(import_saelens(args.sae_dir, args.workdir, store=args.store,
+                           base_config=common.base_config_if_present(args.config),
+                           norm_scaling_factor=args.norm_scaling_factor))
+
+  return common.run_command(run, parser, argv)
 
 if __name__ == '__main__':
   sys.exit(main())

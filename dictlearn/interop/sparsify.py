@@ -1,7 +1,7 @@
 """EleutherAI sparsify's on-disk format: import a sparsify SAE, export a dictlearn TopK.
 
     python -m dictlearn.interop.sparsify import SAE_DIR --workdir DIR [--store PATH]
-        [--site blocks.N.hook_resid_post] [--config experiments/base.py]
+        [--site blocks.N.hook_resid_post] [--config EXPERIMENT]
     python -m dictlearn.interop.sparsify export --workdir DIR --out SAE_DIR [--step N]
 
 The format is eai-sparsify 1.3.3's (`SparseCoder.save_to_disk` / `load_from_disk`),
@@ -194,13 +194,15 @@ def main(argv=None) -> int:
   import_args.add_argument('--site', default=None,
                            help='TransformerLens site the SAE reads (default: from the '
                                 'directory name, e.g. layers.12 -> blocks.12.hook_resid_post)')
-  args = parser.parse_args(argv)
-  if args.action == 'export':
-    return common.run_cli(lambda: export(args.workdir, args.out, step=args.step))
-  return common.run_cli(lambda: import_sparsify(
-      args.sae_dir, args.workdir, store=args.store, site=args.site,
-      base_config=common.base_config_if_present(args.config)))
 
+  def run(args):
+    if args.action == 'export':
+      print(export(args.workdir, args.out, step=args.step))
+    else:
+      print(import_sparsify(args.sae_dir, args.workdir, store=args.store, site=args.site,
+                            base_config=common.base_config_if_present(args.config)))
+
+  return common.run_command(run, parser, argv)
 
 if __name__ == '__main__':
   sys.exit(main())
