@@ -222,3 +222,30 @@ def test_bad_input_is_refused_by_name_and_nothing_is_lost(tmp_path, store, capsy
   assert saelens.main(['import', cases[0][0], '--workdir', str(tmp_path / 'never')]) == 1
   assert capsys.readouterr().err.strip().endswith('this reader follows the 6.x format '
                                                   '(sae-lens 6.54.12)')
+
+
+def test_pre_6_config_and_a_norm_scaling_factor(tmp_path):
+  """A sae-lens < 6 cfg.json (top-level hook_point, TopK through activation_fn_kwargs,
+  normalize_activations true) reads as SAELens reads it; the release's factor becomes
+  the run's data_scale."""
+  directory = os.path.join(DATA, 'saelens', 'topk')
+  with open(os.path.join(directory, 'cfg.json')) as f:
+    cfg = json.load(f)
+  old = tmp_path / 'old'
+  old.mkdir()
+  (old / 'cfg.json').write_text(json.dumps({
+      'd_in': cfg['d_in'], 'd_sae': cfg['d_sae'], 'dtype': 'torch.float32', 'device': 'cpu',
+      'model_name': 'toy', 'hook_point': SITE, 'hook_point_head_index': None,
+      'activation_fn_str': 'topk', 'activation_fn_kwargs': {'k': cfg['k']},
+      'normalize_activations': True}))
+  os.link(os.path.join(directory, 'sae_weights.safetensors'), old / 'sae_weights.safetensors')
+  with pytest.raises(ValueError, match='pass --norm_scaling_factor'):
+    saelens.import_saelens(str(old), str(tmp_path / 'a'), base_config=base.get_config())
+  saelens.import_saelens(str(old), str(tmp_path / 'b'), base_config=base.get_config(),
+                         norm_scaling_factor=2.5)
+  x = np.load(os.path.join(directory, 'inputs.npy'))
+  got, _, snap = _reconstruct(str(tmp_path / 'b'), x / 2.5)  # the SAE reads x * 2.5
+  assert (snap.architecture, snap.config['sae']['k'], snap.run_info['data_scale'],
+          snap.run_info['site']) == ('topk', cfg['k'], 2.5, SITE)
+  np.testing.assert_allclose(got * 2.5, np.load(os.path.join(directory, 'reconstructions.npy')),
+                             rtol=1e-5, atol=1e-5)
