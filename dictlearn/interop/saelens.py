@@ -26,7 +26,7 @@ dictlearn's data_scale is folded into the weights as SAELens's trainer folds its
 normalisation (normalize_activations 'none'), so `SAE.load_from_disk(...)` maps raw
 activations to their reconstruction. metadata.dictlearn carries the config, run
 facts, step and buffers (`common.dictlearn_block`), so an export imports back
-exactly (with `common.EXACT_FILE`).
+exactly (`exact.EXACT_FILE`).
 
 An SAE from SAELens itself (a `save_model` directory, or a pretrained release saved
 locally) imports as: standard -> relu_l1, topk -> topk, jumprelu -> jumprelu (or
@@ -49,6 +49,7 @@ from safetensors import numpy as safetensors_np
 
 from dictlearn.data import store as store_lib
 from dictlearn.interop import common
+from dictlearn.interop import exact
 from dictlearn.sae.jumprelu import JumpReLUSAE
 
 SAELENS_VERSION = '6.54.12'  # the sae-lens whose format this module follows
@@ -90,7 +91,7 @@ def to_saelens(snapshot: common.Snapshot, *, model_name: str | None = None) -> t
   saelens_arch, apply_b_dec = TO_SAELENS[arch]
   params, sae_cfg = snapshot.params, snapshot.config['sae']
   dtype = params['W_enc'].dtype
-  weights = common.fold_scale({k: params[k] for k in _BASE_KEYS},
+  weights = exact.fold_scale({k: params[k] for k in _BASE_KEYS},
                               snapshot.run_info['data_scale'])
   if arch == 'jumprelu':  # computed as dictlearn computes it, so both compare the same theta
     weights['threshold'] = np.asarray(JumpReLUSAE.threshold(params)).astype(dtype)
@@ -137,7 +138,7 @@ def export(workdir: str, out: str, *, step: int | None = None,
                              os.path.join(tmp, WEIGHTS_FILE))
     block = cfg['metadata']['dictlearn']
     recovered = _params_from_block(block, weights)
-    block['exact'] = common.write_exact(tmp, WEIGHTS_FILE, snapshot.params, recovered)
+    block['exact'] = exact.write_exact(tmp, WEIGHTS_FILE, snapshot.params, recovered)
     with open(os.path.join(tmp, CFG_FILE), 'w') as f:
       json.dump(cfg, f, indent=1)
   logging.info('exported %s step %d as SAELens %s to %s', snapshot.architecture,
@@ -245,7 +246,7 @@ def _log_threshold(threshold, dtype):
 
 def _params_from_block(block: dict, weights: dict) -> dict:
   """dictlearn's parameters from the weights of one of its exports (before EXACT_FILE)."""
-  params = common.unfold_scale({k: weights[k] for k in _BASE_KEYS}, block['run']['data_scale'])
+  params = exact.unfold_scale({k: weights[k] for k in _BASE_KEYS}, block['run']['data_scale'])
   if block['architecture'] == 'jumprelu':
     params['log_threshold'] = _log_threshold(weights['threshold'], weights['W_enc'].dtype)
   return params
@@ -262,7 +263,7 @@ def _from_block(cfg: dict, weights: dict, sae_dir: str) -> tuple[common.Snapshot
   params_like, buffers_like = common.abstract_sae(block['config'], block['run']['d_model'])
   dtype = params_like['W_enc'].dtype
   weights = {k: v.astype(dtype) for k, v in weights.items()}
-  params = common.read_exact(sae_dir, WEIGHTS_FILE, block['exact'],
+  params = exact.read_exact(sae_dir, WEIGHTS_FILE, block['exact'],
                              _params_from_block(block, weights))
   snapshot = common.Snapshot(block['config'], block['run'], block['step'], params,
                              common.buffers_from_block(block, buffers_like))

@@ -17,8 +17,8 @@ of W_dec plus b_dec. So only `activation: topk` without a skip connection or a
 transcoder imports, and only dictlearn's topk exports; multi_topk changes only
 sparsify's training loss. sparsify trains on raw activations: an import has
 data_scale 1, and an export folds dictlearn's data_scale into the weights
-(`common.fold_scale`), with the `dictlearn` block (an extra cfg.json key, which
-sparsify's loader drops) and `common.EXACT_FILE` making the round trip exact.
+(`exact.fold_scale`), with the `dictlearn` block (an extra cfg.json key, which
+sparsify's loader drops) and `exact.EXACT_FILE` making the round trip exact.
 
 sparsify names sites by the Hugging Face module (`layers.12`, the output of
 block 12, is TransformerLens's `blocks.12.hook_resid_post`); the directory name
@@ -35,6 +35,7 @@ import numpy as np
 from safetensors import numpy as safetensors_np
 
 from dictlearn.interop import common
+from dictlearn.interop import exact
 
 SPARSIFY_VERSION = '1.3.3'  # the eai-sparsify whose format this module follows
 CFG_FILE = 'cfg.json'
@@ -62,7 +63,7 @@ def to_sparsify(snapshot: common.Snapshot) -> tuple[dict, dict]:
   if snapshot.architecture != 'topk':
     raise ValueError(f'sparsify holds TopK SAEs only; this checkpoint is '
                      f'{snapshot.architecture!r} (export it to SAELens instead)')
-  p = common.fold_scale(snapshot.params, snapshot.run_info['data_scale'])
+  p = exact.fold_scale(snapshot.params, snapshot.run_info['data_scale'])
   d_in, n = p['W_enc'].shape
   cfg = {'activation': 'topk', 'expansion_factor': max(1, n // d_in), 'normalize_decoder': True,
          'num_latents': int(n), 'k': snapshot.config['sae']['k'], 'multi_topk': False,
@@ -75,7 +76,7 @@ def to_sparsify(snapshot: common.Snapshot) -> tuple[dict, dict]:
 def _params(weights: dict, data_scale: float) -> dict:
   params = {'W_enc': weights['encoder.weight'].T, 'b_enc': weights['encoder.bias'],
             'W_dec': weights['W_dec'], 'b_dec': weights['b_dec']}
-  return common.unfold_scale(params, data_scale)
+  return exact.unfold_scale(params, data_scale)
 
 
 def export(workdir: str, out: str, *, step: int | None = None) -> str:
@@ -88,7 +89,7 @@ def export(workdir: str, out: str, *, step: int | None = None) -> str:
     safetensors_np.save_file({k: np.ascontiguousarray(v) for k, v in weights.items()},
                              os.path.join(tmp, WEIGHTS_FILE))
     block = common.dictlearn_block(snapshot, site, model)
-    block['exact'] = common.write_exact(tmp, WEIGHTS_FILE, snapshot.params,
+    block['exact'] = exact.write_exact(tmp, WEIGHTS_FILE, snapshot.params,
                                         _params(weights, snapshot.run_info['data_scale']))
     with open(os.path.join(tmp, CFG_FILE), 'w') as f:
       json.dump(dict(cfg, dictlearn=block), f, indent=1)
@@ -161,7 +162,7 @@ def import_sparsify(sae_dir: str, workdir: str, *, store: str | None = None,
     if block['architecture'] != 'topk':
       raise ValueError(f"{where}: the dictlearn block names {block['architecture']!r}; a "
                        'sparsify directory holds a topk SAE')
-    params = common.read_exact(sae_dir, WEIGHTS_FILE, block['exact'],
+    params = exact.read_exact(sae_dir, WEIGHTS_FILE, block['exact'],
                                _params(weights, block['run']['data_scale']))
     snapshot = common.Snapshot(block['config'], block['run'], block['step'], params, {})
     site, model = site or block['site'], block['model']
