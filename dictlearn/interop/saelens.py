@@ -92,7 +92,7 @@ def to_saelens(snapshot: common.Snapshot, *, model_name: str | None = None) -> t
   params, sae_cfg = snapshot.params, snapshot.config['sae']
   dtype = params['W_enc'].dtype
   weights = exact.fold_scale({k: params[k] for k in _BASE_KEYS},
-                              snapshot.run_info['data_scale'])
+                             snapshot.run_info['data_scale'])
   if arch == 'jumprelu':  # computed as dictlearn computes it, so both compare the same theta
     weights['threshold'] = np.asarray(JumpReLUSAE.threshold(params)).astype(dtype)
   elif arch == 'batchtopk':
@@ -264,7 +264,7 @@ def _from_block(cfg: dict, weights: dict, sae_dir: str) -> tuple[common.Snapshot
   dtype = params_like['W_enc'].dtype
   weights = {k: v.astype(dtype) for k, v in weights.items()}
   params = exact.read_exact(sae_dir, WEIGHTS_FILE, block['exact'],
-                             _params_from_block(block, weights))
+                            _params_from_block(block, weights))
   snapshot = common.Snapshot(block['config'], block['run'], block['step'], params,
                              common.buffers_from_block(block, buffers_like))
   return snapshot, block['site'], block['model']

@@ -90,7 +90,7 @@ def export(workdir: str, out: str, *, step: int | None = None) -> str:
                              os.path.join(tmp, WEIGHTS_FILE))
     block = common.dictlearn_block(snapshot, site, model)
     block['exact'] = exact.write_exact(tmp, WEIGHTS_FILE, snapshot.params,
-                                        _params(weights, snapshot.run_info['data_scale']))
+                                       _params(weights, snapshot.run_info['data_scale']))
     with open(os.path.join(tmp, CFG_FILE), 'w') as f:
       json.dump(dict(cfg, dictlearn=block), f, indent=1)
   logging.info('exported topk step %d as sparsify to %s', snapshot.step, out)
@@ -163,7 +163,7 @@ def import_sparsify(sae_dir: str, workdir: str, *, store: str | None = None,
       raise ValueError(f"{where}: the dictlearn block names {block['architecture']!r}; a "
                        'sparsify directory holds a topk SAE')
     params = exact.read_exact(sae_dir, WEIGHTS_FILE, block['exact'],
-                               _params(weights, block['run']['data_scale']))
+                              _params(weights, block['run']['data_scale']))
     snapshot = common.Snapshot(block['config'], block['run'], block['step'], params, {})
     site, model = site or block['site'], block['model']
   else:
