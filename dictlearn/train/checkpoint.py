@@ -4,7 +4,8 @@ Layout: `workdir/checkpoints/<step>/{state, config, run}`:
     state   the whole train state (params, buffers, opt_state, step, rng, stats)
     config  the ConfigDict the run was started with, as JSON
     run     facts derived at start that a resume must reuse, as JSON (data_scale,
-            d_model, and the store: `run_record`)
+            d_model, and the store: `run_record`; an SAE imported from another
+            library without a store has store None and names its 'site' and 'model')
 
 Order on start (`train_and_evaluate`): the latest checkpoint in the workdir; else
 `config.train.init_from` (a checkpoint directory of another run: its state is
@@ -70,7 +71,14 @@ def recorded_store(run_info: dict, workdir: str) -> str:
 
   Raises:
     FileNotFoundError: neither recorded path holds a store; the message names both.
+    ValueError: the run has no store (an SAE imported without one).
   """
+  if not run_info['store']:
+    site = run_info.get('site') or 'the site the SAE reads'
+    raise ValueError(
+        f'the run in {workdir} has no activation store (an SAE imported from another '
+        f'library without one); import it again with --store PATH, a store of {site} with '
+        f'd_model={run_info["d_model"]}')
   relative = run_info.get('store_from_workdir')
   candidates = []
   if relative:
