@@ -35,7 +35,7 @@ import dataclasses
 import functools
 import logging
 import os
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -121,6 +121,19 @@ def front(n_positions: int, start: int = 0) -> Span:
   return span('all', start=start, stop=start + n_positions)
 
 
+def switched_off(interventions: Sequence[llama.Patch]) -> list:
+  """The same interventions acting on no position: the unpatched model, bit for bit, from
+  the same compiled program (a baseline beside a sweep costs no compilation)."""
+  out = []
+  for patch in interventions:
+    where = getattr(patch, 'where', None)
+    if not isinstance(where, Span):
+      raise ValueError(f'{type(patch).__name__} at {patch.site!r} has no Span to switch off.')
+    out.append(dataclasses.replace(patch, where=dataclasses.replace(
+        where, start=_i32(_END), stop=_i32(_END))))
+  return out
+
+
 def _apply(x: jax.Array, delta: jax.Array, where: Span, tokens: llama.TokenInfo) -> jax.Array:
   """x + delta inside the span, x (bit for bit) outside, in float32."""
   x = x.astype(jnp.float32)
@@ -198,7 +211,16 @@ def sae_run_dir(workdir: str) -> str:
                           f'and {workdir}/sae/checkpoints); pass a training workdir.')
 
 
-def load_sae(workdir: str, step: Optional[int] = None, *, site: Optional[str] = None) -> SaeAtSite:
+class SaeRun(NamedTuple):
+  """A training run's SAE and where it came from."""
+  sae: SaeAtSite
+  step: int
+  store: str  # the activation store it was trained on
+  model: str  # the harvest's model setting ('' for SmolLM2's cached GGUF; see harvest)
+
+
+def load_sae_run(workdir: str, step: Optional[int] = None, *,
+                 site: Optional[str] = None) -> SaeRun:
   """A training run's SAE at its site, with its data_scale (latest checkpoint by default).
 
   Args:
@@ -227,8 +249,15 @@ def load_sae(workdir: str, step: Optional[int] = None, *, site: Optional[str] = 
   site = site or manifest['site']
   logging.info('SAE from %s step %d at %s (%d latents, data_scale %.4g)', directory, step, site,
                sae.n_latents, run_info['data_scale'])
-  return SaeAtSite(sae, site, model_name, int(skip), state['params'], state['buffers'],
-                   _f32(run_info['data_scale']))
+  at_site = SaeAtSite(sae, site, model_name, int(skip), state['params'], state['buffers'],
+                      _f32(run_info['data_scale']))
+  return SaeRun(at_site, step, run_info['store'], (extra.get('harvest') or {}).get('model', ''))
+
+
+def load_sae(workdir: str, step: Optional[int] = None, *, site: Optional[str] = None
+             ) -> SaeAtSite:
+  """`load_sae_run(...).sae`: the SAE of a training run at its site, with its data_scale."""
+  return load_sae_run(workdir, step, site=site).sae
 
 
 # ---- interventions -----------------------------------------------------------------
