@@ -42,18 +42,23 @@ def _chunk_max(sae, params, buffers, x):
   return jnp.max(sae.encode(params, buffers, x), axis=0)
 
 
-def max_activations(sae: steering.SaeAtSite, store_path: str, n_rows: int) -> np.ndarray:
+def max_activations(sae: steering.SaeAtSite, store_path: str, n_rows: int = -1) -> np.ndarray:
   """Each feature's largest activation (SAE units) over the first `n_rows` rows of a store.
 
-  A stand-in for the per-latent statistics of `dictlearn.analysis.features`,
-  which cover the whole store.
+  A stand-in for the per-latent statistics of `dictlearn.analysis.features`.
+
+  Args:
+    sae: the SAE.
+    store_path: the activation store it was trained on.
+    n_rows: rows read from the start (-1: all).
 
   Raises:
-    ValueError: n_rows < 1.
+    ValueError: n_rows is 0 or below -1.
   """
-  if n_rows < 1:
-    raise ValueError(f'max_activations needs n_rows >= 1, got {n_rows}.')
+  if n_rows == 0 or n_rows < -1:
+    raise ValueError(f'max_activations needs n_rows >= 1 or -1 (all), got {n_rows}.')
   reader = store_lib.StoreReader(store_path, d_model=sae.sae.d_model)
+  n_rows = reader.n_rows if n_rows == -1 else n_rows
   best = np.zeros(sae.n_latents, np.float32)
   for start in range(0, min(n_rows, reader.n_rows), _ROWS_PER_CALL):
     rows = np.asarray(reader.read_rows(start, min(start + _ROWS_PER_CALL, n_rows,

@@ -1,0 +1,54 @@
+"""Features that steer: an SAE feature of SmolLM2 clamped high, and to zero.
+
+    python -m dictlearn.analysis.steer_experiments --config experiments/steer_features.py --out runs/steer_features
+
+Needs the main job's SAE (`python -m dictlearn.pipeline ... --workdir runs/smollm2`;
+`--config.sae_workdir` points elsewhere). Feature 3534 of that SAE (TopK, 4096
+latents, blocks.12.hook_resid_post) fires on the word "Python" in the Python
+documentation. It is clamped to 0 and to 1, 2 and 4 times its max activation
+at every position (BOS-like <|im_start|> positions excepted) while SmolLM2
+completes six neutral chat prompts greedily. Hardware: 2 CPU cores; time:
+about 3 minutes (README's table has the measured figure).
+
+Expected: the feature's activation on the generated tokens (read back by the
+unpatched model) and the probability of its top-logit tokens rise with each
+strength; the completions turn to Python; clamped to zero, nothing changes on
+neutral prompts and the programming prompts lose little (a token feature at
+block 12 is one of several routes to the word).
+"""
+from experiments import steer_common
+
+
+def get_config(arg=None):
+  """Feature-steering reproduction; `arg` 'tiny' for the test variant."""
+  c = steer_common.get_config()
+  c.unlock()
+  c.experiment = 'feature_steering'
+  c.sae_workdir = 'runs/smollm2'  # the SAE's training workdir (or the pipeline workdir holding sae/)
+  c.feature = 3534  # the feature steered
+  c.reading = 'the word "Python" (the language)'  # what the feature reads, from its top activations
+  c.concept_word = 'Python'  # a completion mentioning it counts in `mentions`
+  c.max_activation = -1.0  # the feature's max activation (SAE units); <= 0: measured on the store
+  c.multiples = (1.0, 2.0, 3.0)  # clamp values, as multiples of the max activation
+  c.top_contexts = 8  # the feature's top store contexts measured unsteered and clamped to 0 (0 skips)
+  c.top_logit_k = 10  # top-logit tokens whose probability is measured
+  c.max_new_tokens = 24  # tokens generated per prompt (greedy)
+  c.prompts = ('Tell me about your weekend.', 'What should I cook tonight?',
+               'Describe a walk in the park.', 'Give me advice for a job interview.',
+               'Write a sentence about the sea.', 'What is a good name for a cat?')  # neutral chat prompts
+  c.probe_prompts = ('Which programming language should a beginner learn first?',
+                     'What language is popular for data science?')  # prompts where the concept comes up unsteered
+  c.reference_texts = ('The weather was mild and the streets were quiet.',
+                       'She opened the window and looked at the garden.',
+                       'Our meeting is planned for next Tuesday afternoon.',
+                       'He bought bread, cheese and a few apples.')  # texts the top-logit tokens are measured on
+  if arg == 'tiny':
+    c.prompts = c.prompts[:2]
+    c.probe_prompts = ()
+    c.reference_texts = c.reference_texts[:1]
+    c.max_new_tokens = 8
+    c.top_contexts = 0
+  elif arg not in (None, ''):
+    raise ValueError(f'experiments/steer_features.py: unknown variant {arg!r}; expected none or tiny')
+  c.lock()
+  return c
