@@ -1,32 +1,29 @@
 """The steering reproductions' tiny variants on SmolLM2 (the real figures are in README)."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dictlearn.analysis import steer_experiments
+from dictlearn.analysis import actadd
+from dictlearn.analysis import feature_steering
+from dictlearn.analysis import injection
 from dictlearn.analysis import steering
 from dictlearn.lm import llama
-from dictlearn.sae import make_sae
+from experiments import steer_actadd
 from experiments import steer_features
-from experiments import tiny
+from experiments import steer_injection
 
 SITE = 'blocks.12.hook_resid_post'
 
 
 @pytest.fixture(scope='module')
-def planted_sae(smollm2):
+def planted_sae(smollm2, small_topk_sae):
   """A random TopK SAE at SITE whose feature 5 is the direction of the token ' Python' there.
 
   CI has no trained SAE; the planted feature (the mean activation on ' Python' minus the mean
   on the other tokens of a few sentences) stands in for the main job's Python feature.
   """
   cfg, params, tok = smollm2
-  sae_cfg = tiny.get_config('topk').sae
-  sae_cfg.unlock()
-  sae_cfg.n_latents, sae_cfg.k = 256, 8
-  sae = make_sae(sae_cfg, cfg.d_model)
-  weights, buffers = sae.init(jax.random.PRNGKey(0))
+  sae, weights, buffers = small_topk_sae
   ids = tok.encode('I write Python code every day. Python is easy to read, and Python runs '
                    'everywhere.')
   _, acts = llama.forward(params, cfg, jnp.asarray([ids]), read_sites=[SITE], return_logits=False)
@@ -43,10 +40,41 @@ def test_feature_steering_tiny(smollm2, planted_sae):
   config = steer_features.get_config('tiny')
   config.unlock()
   config.feature, config.max_activation = 5, 7.0
-  result = steer_experiments.run_feature_steering(config, model=smollm2, sae=planted_sae)
-  print(steer_experiments.feature_steering_table(result))
+  result = feature_steering.run(config, smollm2, sae=planted_sae)
+  print(feature_steering.summary(result))
   rows = result['conditions']
   assert list(rows) == ['baseline', 'clamp 0', 'clamp 1x max', 'clamp 2x max', 'clamp 3x max']
   assert result['monotone_p_top_logit']
   assert rows['clamp 3x max']['mentions'] > rows['baseline']['mentions']
   assert rows['clamp 3x max']['feature_on_generated'] > rows['baseline']['feature_on_generated']
+
+
+def test_actadd_tiny(smollm2):
+  config = steer_actadd.get_config('tiny')
+  result = actadd.run(config, smollm2)
+  print(actadd.summary(result))
+  everywhere = result['layers'][6]['all']
+  assert everywhere['perplexity_ratio'][0] == 1.0
+  assert everywhere['monotone']  # " love" - " hate" moves the next token towards positive words
+  assert max(everywhere['perplexity_ratio']) < 1.5
+  assert set(result['completions']) == {'0', '0.2', '0.4'}
+
+
+def test_injection_scoring_rule():
+  assert injection.claims_detection('Yes, I detect an injected thought about the ocean.')
+  assert injection.claims_detection('I notice something unusual.')
+  assert not injection.claims_detection('No, I do not detect an injected thought.')
+  assert not injection.claims_detection("I don't detect anything; yes, this is a control.")
+  assert not injection.claims_detection('The ocean is vast.')
+  assert injection.mentions('Thoughts of Oceans.', 'ocean')
+  assert not injection.mentions('oceanic', 'ocean')
+
+
+def test_injected_concepts_tiny(smollm2):
+  config = steer_injection.get_config('tiny')
+  result = injection.run(config, smollm2)
+  print(injection.summary(result))
+  rows = result['layers'][15]['rows']
+  assert set(rows) == {'0', '16'} and result['trials_per_cell'] == 4
+  for row in rows.values():
+    assert 0 <= row['identifies'] <= row['claims_detection'] <= 1

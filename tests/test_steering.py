@@ -16,7 +16,6 @@ from dictlearn.analysis import steering
 from dictlearn.analysis import vectors_io
 from dictlearn.lm import generate as gen
 from dictlearn.lm import llama
-from dictlearn.sae import make_sae
 from experiments import tiny
 
 SITE = 'blocks.12.hook_resid_post'
@@ -47,14 +46,10 @@ def baseline(smollm2, tokens):
 
 
 @pytest.fixture(scope='module')
-def random_sae(smollm2):
+def random_sae(smollm2, small_topk_sae):
   """A TopK SAE of 256 latents at SITE, encoder perturbed so that W_enc[:, i] . W_dec[i] != 1."""
   cfg, _, _ = smollm2
-  sae_cfg = tiny.get_config('topk').sae
-  sae_cfg.unlock()
-  sae_cfg.n_latents, sae_cfg.k = 256, 8
-  sae = make_sae(sae_cfg, cfg.d_model)
-  params, buffers = sae.init(jax.random.PRNGKey(0))
+  sae, params, buffers = small_topk_sae
   noise = 0.02 * jax.random.normal(jax.random.PRNGKey(1), params['W_enc'].shape)
   params = dict(params, W_enc=params['W_enc'] * 0.8 + noise)
   return steering.SaeAtSite(sae, SITE, cfg.name, steering.NO_TOKEN, params, buffers,
@@ -72,21 +67,31 @@ def test_zero_strength_is_bitwise_and_a_sweep_compiles_once(smollm2, tokens, bas
   plain_logits, _ = baseline
   v, u = 50 * _unit(0, cfg.d_model), _unit(1, cfg.d_model)
 
-  def run(c):
+  def run(c, off=False):
     interventions = [
         steering.add('blocks.3.hook_resid_post', v, c),
         steering.add_feature(random_sae, 7, 10 * c),
         steering.ablate('blocks.20.hook_mlp_out', u, c),
-        steering.cap('blocks.20.hook_resid_post', u),  # an unbounded band
-        TraceCounter('blocks.20.hook_resid_post'),
+        steering.cap('blocks.20.hook_resid_post', u, -1.0, 1.0),
     ]
+    if off:
+      interventions = steering.switched_off(interventions)
+    interventions.append(TraceCounter('blocks.20.hook_resid_post'))
     return llama.forward(params, cfg, tokens, interventions=interventions)[0]
 
   TRACES.clear()
-  np.testing.assert_array_equal(np.asarray(run(0.0)), np.asarray(plain_logits))
+  np.testing.assert_array_equal(np.asarray(run(2.0, off=True)), np.asarray(plain_logits))
   shifts = [float(jnp.max(jnp.abs(run(c) - plain_logits))) for c in (0.5, 1.0, 2.0)]
-  assert TRACES['blocks.20.hook_resid_post'] == 1  # four strengths, one compiled program
+  assert TRACES['blocks.20.hook_resid_post'] == 1  # four runs, one compiled program
   assert 0 < shifts[0] < shifts[1] < shifts[2]
+  # Zero strengths and a band holding every projection: the unpatched model, bit for bit.
+  zero = llama.forward(params, cfg, tokens, interventions=[
+      steering.add('blocks.3.hook_resid_post', v, 0.0),
+      steering.add_feature(random_sae, 7, 0.0),
+      steering.ablate('blocks.20.hook_mlp_out', u, 0.0),
+      steering.cap('blocks.20.hook_resid_post', u), TraceCounter('blocks.20.hook_resid_post')])[0]
+  np.testing.assert_array_equal(np.asarray(zero), np.asarray(plain_logits))
+  assert TRACES['blocks.20.hook_resid_post'] == 1
 
 
 def test_clamp_sets_the_feature_in_the_sae_decomposition(smollm2, tokens, baseline, random_sae):
