@@ -13,9 +13,11 @@ the rule in dictlearn/analysis/injection.py (a yes without a denial claims
 detection; naming the concept identifies it). Hardware: 2 CPU cores; time:
 a few minutes (README's table has the measured figure).
 
-Expected of a 135M model: no introspection. Its detection claims do not
-depend on the injection (the false-positive rate is as high as the detection
-rate), while strong injections make it talk about the concept (mentions).
+Expected of a 135M model, and measured: no introspection. At block 15 it
+claims detection on 38% of control trials and on 8%, 4%, 4%, 0% at strengths
+2, 4, 8, 16; it never names the concept when it claims detection; strong
+injections make it drift towards the concept instead (named in 12% of the
+replies at 16). Block 10: 38% control, 33% to 17% injected, never identified.
 """
 from experiments import steer_common
 

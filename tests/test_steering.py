@@ -170,6 +170,22 @@ def test_spans_in_forward(smollm2, tokens, baseline):
   np.testing.assert_allclose(delta, expected, atol=1e-6 * float(jnp.max(jnp.abs(acts[SITE]))))
 
 
+def test_per_row_vectors_and_coefficients(smollm2, tokens, baseline):
+  cfg, params, _ = smollm2
+  v1, v2 = _unit(5, cfg.d_model), _unit(6, cfg.d_model)
+  two = jnp.concatenate([tokens, tokens])
+  interventions = [steering.add(SITE, np.stack([v1, v2]), 2.0, per_row=True),
+                   steering.add(SITE, v1, jnp.asarray([1.0, 0.0]))]
+  _, acts = llama.forward(params, cfg, two, read_sites=[SITE], interventions=interventions)
+  delta = np.asarray(acts[SITE] - baseline[1][SITE])
+  tol = 1e-5 * float(jnp.max(jnp.abs(acts[SITE])))
+  np.testing.assert_allclose(delta[0], np.broadcast_to(3 * v1, delta[0].shape), atol=tol)
+  np.testing.assert_allclose(delta[1], np.broadcast_to(2 * v2, delta[1].shape), atol=tol)
+  with pytest.raises(ValueError, match='per-row vector.*3 rows; the batch has 2'):
+    llama.forward(params, cfg, two, interventions=[
+        steering.add(SITE, np.ones((3, cfg.d_model)), per_row=True)])
+
+
 def test_positions_honoured_in_generation(smollm2):
   cfg, params, tok = smollm2
   prompt = tok.encode('My favourite city is')

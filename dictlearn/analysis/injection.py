@@ -13,7 +13,8 @@ it says yes (`DETECT_PATTERN`) and does not deny (`DENY_PATTERN`, checked
 first); it *identifies* the concept when it claims detection and names the
 concept word; it *mentions* the concept when the word appears at all.
 Detection rate = claims over injected trials, false-positive rate = claims
-over control trials. Every strength and concept runs one compiled program.
+over control trials. Each strength is one batch (every concept's vector on its
+own rows) through one compiled program.
 """
 import re
 from typing import Optional, Sequence
@@ -69,32 +70,31 @@ def run(config: ml_collections.ConfigDict, model, *, model_path: Optional[str] =
   del model_path, out_dir
   cfg, params, tok = model
   prompt, start = trial_prompt(tok, config)
-  prompts = [prompt] * config.samples
-  results = {'layers': {}, 'strengths': list(config.strengths), 'concepts': list(config.concepts),
-             'trials_per_cell': config.samples * len(config.concepts), 'examples': {}}
+  concepts = list(config.concepts)
+  # One batch per strength: every concept's vector on its own rows, `samples` rows each.
+  prompts = [prompt] * (len(concepts) * config.samples)
+  owner = np.repeat(np.arange(len(concepts)), config.samples)
+  results = {'layers': {}, 'strengths': list(config.strengths), 'concepts': concepts,
+             'trials_per_cell': len(prompts), 'examples': {}}
   for layer in config.layers:
     site = f'blocks.{layer}.hook_resid_post'
-    vectors = concept_vectors(params, cfg, tok, config.concepts, config.baseline_words, site,
+    vectors = concept_vectors(params, cfg, tok, concepts, config.baseline_words, site,
                               config.concept_template)
+    per_row = np.stack([vectors[concepts[i]] for i in owner])
     rows = {}
     for strength in config.strengths:
-      claims = identified = mentioned = 0
-      for index, (word, vector) in enumerate(vectors.items()):
-        inject = steering.add(site, vector, strength, steering.span('all', start=start))
-        out = gen.generate(params, cfg, prompts, max_new_tokens=config.max_new_tokens,
-                           eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=config.temperature,
-                           seed=config.seed + index, interventions=[inject])
-        replies = [tok.decode(o, skip_special_tokens=True) for o in out]
-        for reply in replies:
-          claim = claims_detection(reply)
-          claims += claim
-          identified += claim and mentions(reply, word)
-          mentioned += mentions(reply, word)
-        if word == config.concepts[0]:
-          results['examples'][f'{layer}/{strength:g}'] = replies[0]
-      n = config.samples * len(vectors)
-      rows[f'{strength:g}'] = {'claims_detection': claims / n, 'identifies': identified / n,
-                               'mentions': mentioned / n}
+      inject = steering.add(site, per_row, strength, steering.span('all', start=start),
+                            per_row=True)
+      out = gen.generate(params, cfg, prompts, max_new_tokens=config.max_new_tokens,
+                         eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=config.temperature,
+                         seed=config.seed, interventions=[inject])
+      replies = [tok.decode(o, skip_special_tokens=True) for o in out]
+      claims = np.asarray([claims_detection(r) for r in replies])
+      named = np.asarray([mentions(r, concepts[i]) for r, i in zip(replies, owner)])
+      rows[f'{strength:g}'] = {'claims_detection': float(claims.mean()),
+                               'identifies': float((claims & named).mean()),
+                               'mentions': float(named.mean())}
+      results['examples'][f'{layer}/{strength:g}'] = replies[0]
     norms = [float(np.linalg.norm(v)) for v in vectors.values()]
     results['layers'][layer] = {'site': site, 'vector_norm': float(np.mean(norms)), 'rows': rows}
   return results

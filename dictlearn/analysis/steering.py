@@ -9,7 +9,8 @@ several at several sites compose (in list order at one site), and a sweep over
 strengths, vectors or features of the same shapes compiles once.
 
     add(site, vector, coefficient)          x + c v; v (d,) or (n, d): row j at position start + j
-                                            (ActAdd's front injection, `prompt_difference`)
+                                            (ActAdd's front injection, `prompt_difference`), or
+                                            one vector per batch row; c scalar or per batch row
     add_feature(sae, i, coefficient)        x + c W_dec[i] / data_scale
     clamp(sae, features, values)            x + sum_j (v_j - f_ij(x)) W_dec[i_j] / data_scale:
                                             the SAE's reading of x with f_i set to v, its
@@ -266,33 +267,57 @@ def load_sae(workdir: str, step: Optional[int] = None, *, site: Optional[str] = 
 @_pytree
 @dataclasses.dataclass(frozen=True)
 class AddVector(llama.Patch):
-  """x + coefficient * vector; a (n, d) vector puts row j at position where.start + j."""
+  """x + coefficient * vector.
+
+  A (d,) vector goes to every position of the span; a (n, d) vector puts row j
+  at position where.start + j; with `per_row`, a (batch, d) vector gives each
+  batch row its own. A (batch,) coefficient gives each batch row its own.
+  """
   site: str = _static()
+  per_row: bool = _static()
   vector: jax.Array
   coefficient: jax.Array
   where: Span
 
   def __call__(self, x, tokens):
-    v = self.vector
-    if v.ndim == 2:
+    v, c = self.vector, self.coefficient
+    for name, rows in (('per-row vector', v.shape[0] if self.per_row else None),
+                       ('per-row coefficient', c.shape[0] if c.ndim else None)):
+      if rows is not None and rows != x.shape[0]:
+        raise ValueError(f'The {name} at {self.site!r} has {rows} rows; the batch has '
+                         f'{x.shape[0]}.')
+    if self.per_row:
+      v = v[:, None, :]
+    elif v.ndim == 2:
       offset = jnp.clip(tokens.positions - self.where.start, 0, v.shape[0] - 1)
       v = v[offset]  # (batch, seq, d); positions past the rows lie outside the span
-    return _apply(x, self.coefficient * v, self.where, tokens)
+    c = c[:, None, None] if c.ndim == 1 else c
+    return _apply(x, c * v, self.where, tokens)
 
   def check(self, cfg):
     _check_width(self.site, self.vector, cfg, 'steering vector')
 
 
-def add(site: str, vector, coefficient=1.0, where: Optional[Span] = None) -> AddVector:
-  """Adds coefficient * vector at `site` (a (n, d) vector: row j at where.start + j).
+def add(site: str, vector, coefficient=1.0, where: Optional[Span] = None, *,
+        per_row: bool = False) -> AddVector:
+  """Adds coefficient * vector at `site` (see AddVector for the shapes).
 
   A (n, d) vector (ActAdd) defaults to the front window [0, n).
-  """
-  vector = _f32(vector)
-  if where is None:
-    where = front(vector.shape[0]) if vector.ndim == 2 else span()
-  return AddVector(site, vector, _f32(coefficient), where)
 
+  Raises:
+    ValueError: a per-row vector that is not (batch, d), or a coefficient that is
+      neither a scalar nor one per row.
+  """
+  vector, coefficient = _f32(vector), _f32(coefficient)
+  if per_row and vector.ndim != 2:
+    raise ValueError(f'a per-row vector at {site!r} must be (batch, d_model), got shape '
+                     f'{vector.shape}.')
+  if coefficient.ndim > 1:
+    raise ValueError(f'the coefficient at {site!r} must be a scalar or one per batch row, got '
+                     f'shape {coefficient.shape}.')
+  if where is None:
+    where = front(vector.shape[0]) if vector.ndim == 2 and not per_row else span()
+  return AddVector(site, per_row, vector, coefficient, where)
 
 def add_feature(sae: SaeAtSite, feature: int, coefficient, where: Optional[Span] = None
                 ) -> AddVector:
