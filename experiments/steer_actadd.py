@@ -1,6 +1,6 @@
 """ActAdd on SmolLM2: "love" - "hate" at a middle layer, on neutral prompts and unrelated text.
 
-    python -m dictlearn.analysis.steer_experiments --config experiments/steer_actadd.py --out runs/steer_actadd
+    python -m dictlearn.analysis.reproduce --config experiments/steer_actadd.py --out runs/steer_actadd
 
 Turner et al. 2023 add act("Love") - act("Hate") (GPT-2-XL, block 6 of 48,
 coefficient 5) at the front of the prompt. Here " love" - " hate" (single tokens
@@ -24,14 +24,14 @@ injects it, SmolLM2-135M shows no consistent shift of the next token at the
 end of these prompts (block 3 falls, block 6 wavers, block 9 rises by 0.34 at
 c = 128) while the perplexity of the text after the injection rises 40-75%.
 """
-from experiments import steer_common
+import ml_collections
 
 
 def get_config(arg=None):
   """ActAdd reproduction; `arg` 'tiny' for the test variant."""
-  c = steer_common.get_config()
-  c.unlock()
-  c.experiment = 'actadd'
+  c = ml_collections.ConfigDict()
+  c.experiment = 'actadd'  # which reproduction `dictlearn.analysis.reproduce` runs
+  c.model = ''  # GGUF file or Hugging Face directory; '' = SmolLM2-135M-Instruct from the cache
   c.plus = ' love'  # the positive steering prompt (after document_start; one token, as "Love" in GPT-2)
   c.minus = ' hate'  # the negative steering prompt (one token: no padding needed)
   c.document_start = '<|endoftext|>'  # what every prompt and text starts with (the paper: GPT-2's BOS)

@@ -1,9 +1,11 @@
 """Features that steer: an SAE feature of SmolLM2 clamped high, and to zero.
 
-    python -m dictlearn.analysis.steer_experiments --config experiments/steer_features.py --out runs/steer_features
+    python -m dictlearn.analysis.reproduce --config experiments/steer_features.py --out runs/steer_features
 
 Needs the main job's SAE (`python -m dictlearn.pipeline ... --workdir runs/smollm2`;
-`--config.sae_workdir` points elsewhere). Feature 3534 of that SAE (TopK, 4096
+`--config.sae_workdir` points elsewhere) and its feature statistics
+(`python -m dictlearn.analysis.features --workdir runs/smollm2`: the max
+activation and the top store contexts of the feature). Feature 3534 of that SAE (TopK, 4096
 latents, blocks.12.hook_resid_post) fires on the word "Python" in the Python
 documentation. It is clamped to 0 and to 1, 2 and 4 times its max activation
 at every position (BOS-like <|im_start|> positions excepted) while SmolLM2
@@ -18,21 +20,21 @@ nothing changes on neutral or programming prompts (a token feature at block 12
 is one of several routes to the word); at its top store contexts its read-back
 activation falls from 5.43 to 1.26.
 """
-from experiments import steer_common
+import ml_collections
 
 
 def get_config(arg=None):
   """Feature-steering reproduction; `arg` 'tiny' for the test variant."""
-  c = steer_common.get_config()
-  c.unlock()
-  c.experiment = 'feature_steering'
+  c = ml_collections.ConfigDict()
+  c.experiment = 'feature_steering'  # which reproduction `dictlearn.analysis.reproduce` runs
+  c.model = ''  # GGUF file or Hugging Face directory; '' = SmolLM2-135M-Instruct from the cache
   c.sae_workdir = 'runs/smollm2'  # the SAE's training workdir (or the pipeline workdir holding sae/)
   c.feature = 3534  # the feature steered
   c.reading = 'the word "Python" (the language)'  # what the feature reads, from its top activations
   c.concept_word = 'Python'  # a completion mentioning it counts in `mentions`
-  c.max_activation = -1.0  # the feature's max activation (SAE units); <= 0: measured on the store
+  c.max_activation = -1.0  # the feature's max activation (SAE units); <= 0: from the statistics
   c.multiples = (1.0, 2.0, 3.0)  # clamp values, as multiples of the max activation
-  c.top_contexts = 8  # the feature's top store contexts measured unsteered and clamped to 0 (0 skips)
+  c.top_contexts = 8  # the feature's top contexts (statistics) measured unsteered and clamped to 0 (0 skips)
   c.top_logit_k = 10  # top-logit tokens whose probability is measured
   c.max_new_tokens = 24  # tokens generated per prompt (greedy)
   c.prompts = ('Tell me about your weekend.', 'What should I cook tonight?',

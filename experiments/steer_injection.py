@@ -1,6 +1,6 @@
 """Injected concepts on SmolLM2: does it notice a concept vector added to its residual stream?
 
-    python -m dictlearn.analysis.steer_experiments --config experiments/steer_injection.py --out runs/steer_injection
+    python -m dictlearn.analysis.reproduce --config experiments/steer_injection.py --out runs/steer_injection
 
 Lindsey 2025 ("Emergent introspective awareness in large language models")
 injects a concept vector while asking Claude whether it detects an injected
@@ -19,14 +19,14 @@ claims detection on 38% of control trials and on 8%, 4%, 4%, 0% at strengths
 injections make it drift towards the concept instead (named in 12% of the
 replies at 16). Block 10: 38% control, 33% to 17% injected, never identified.
 """
-from experiments import steer_common
+import ml_collections
 
 
 def get_config(arg=None):
   """Injected-concepts reproduction; `arg` 'tiny' for the test variant."""
-  c = steer_common.get_config()
-  c.unlock()
-  c.experiment = 'injected_concepts'
+  c = ml_collections.ConfigDict()
+  c.experiment = 'injected_concepts'  # which reproduction `dictlearn.analysis.reproduce` runs
+  c.model = ''  # GGUF file or Hugging Face directory; '' = SmolLM2-135M-Instruct from the cache
   c.layers = (10, 15)  # blocks whose output (hook_resid_post) receives the concept vector
   c.strengths = (0.0, 2.0, 4.0, 8.0, 16.0)  # multiples of the concept vector; 0 = control trials
   c.concepts = ('ocean', 'fire', 'music', 'dog', 'bread', 'mountain')  # injected concepts
@@ -45,6 +45,7 @@ def get_config(arg=None):
                 'what is the injected thought about?')  # the trial question (injection starts here)
   c.samples = 4  # sampled replies per concept and strength
   c.temperature = 0.7  # sampling temperature of the replies
+  c.seed = 0  # sampling seed
   c.max_new_tokens = 32  # tokens per reply
   if arg == 'tiny':
     c.layers = (15,)

@@ -272,46 +272,50 @@ def test_vector_file_round_trip_and_refusals(tmp_path, smollm2):
 
 
 def _write_sae_run(workdir, sae_at_site):
-  """A training workdir holding one checkpoint of `sae_at_site` (its store is absent)."""
+  """A training workdir holding one checkpoint of `sae_at_site`, beside a small store at SITE."""
+  from dictlearn.data import store as store_lib
   from dictlearn.train import checkpoint as ckpt_lib
+  store = str(workdir / 'store')
+  writer = store_lib.StoreWriter(store, 576, chunk_rows=64, shard_chunks=1,
+                                 metadata={'model': 'SmolLM2', 'site': SITE})
+  writer.append(np.random.default_rng(0).normal(size=(64, 576)).astype(np.float32))
+  writer.finish()
   config = tiny.get_config('topk').to_dict()
   config['sae'].update(n_latents=sae_at_site.n_latents, k=8)
-  manager = ckpt_lib.make_manager(ckpt_lib.checkpoint_dir(str(workdir)), async_save=False)
+  run = str(workdir / 'sae')
+  manager = ckpt_lib.make_manager(ckpt_lib.checkpoint_dir(run), async_save=False)
   state = {'params': sae_at_site.params, 'buffers': sae_at_site.buffers}
-  ckpt_lib.save(manager, 1, state, config, {'store': str(workdir / 'gone'), 'd_model': 576,
-                                            'data_scale': float(sae_at_site.data_scale)})
+  ckpt_lib.save(manager, 1, state, config, ckpt_lib.run_record(
+      store, run, d_model=576, data_scale=float(sae_at_site.data_scale)))
   manager.wait_until_finished()
   manager.close()
+  return run
 
 
 def test_steer_command_feature_and_vector_side_by_side(tmp_path, capsys, smollm2, random_sae):
   from dictlearn.analysis import steer
   cfg, params, _ = smollm2
-  _write_sae_run(tmp_path / 'sae', random_sae)
+  run = _write_sae_run(tmp_path, random_sae)
   vector = str(tmp_path / 'berlin.safetensors')
   vectors_io.save_vectors(vector, {'berlin': 400.0 * params['embed'][11452]},
                           site='blocks.6.hook_resid_post', model=vectors_io.model_identity(cfg),
                           provenance={'method': 'embedding of a token'})
   common = ['--prompt', 'My favourite city is', '--raw', '--max_new_tokens', '4']
-  assert steer.main(['--workdir', str(tmp_path / 'sae'), '--site', SITE, '--feature', '7',
-                     '--value', '3', '--vector', vector, '--coefficient', '1'] + common,
-                    model=smollm2) == 0
+  assert steer.main(['--workdir', run, '--feature', '7', '--value', '3', '--vector', vector,
+                     '--coefficient', '1'] + common, model=smollm2) == 0
   out = capsys.readouterr().out
   assert 'clamp feature(s) [7] to [3.0] at blocks.12.hook_resid_post' in out
   assert 'baseline (greedy)' in out and 'steered (sampled, T=0.8, seed 0)' in out
-  # Bad input: each a message naming what was wrong.
+  # Bad input: each one line naming what was wrong (exit status 1; a bad command line, 2).
   bad = {
-      ('--feature', '4096', '--value', '1'): 'feature index [4096] out of range',
-      ('--feature', '1', '--scale', '2'): 'no activation store',
-      ('--feature', '1', '--scale', '2', '--max_activation', '1', '--max_activation', '2'):
-          'give one per feature',
+      ('--workdir', run, '--feature', '4096', '--value', '1'): 'feature index [4096] out of range',
+      ('--workdir', run, '--feature', '1', '--scale', '2'): 'no feature statistics',
+      ('--workdir', run, '--feature', '1', '--scale', '2', '--max_activation', '1',
+       '--max_activation', '2'): 'give one per feature',
+      ('--cap=3,1', '--direction', vector): 'lo <= hi',
   }
   for flags, message in bad.items():
-    assert steer.main(['--workdir', str(tmp_path / 'sae'), '--site', SITE, *flags] + common,
-                      model=smollm2) == 2
+    assert steer.main([*flags] + common, model=smollm2) == 1
     assert message in capsys.readouterr().err
-  assert steer.main(['--cap=3,1', '--direction', vector] + common, model=smollm2) == 2
-  assert 'lo <= hi' in capsys.readouterr().err
-  with pytest.raises(SystemExit):
-    steer.main(['--feature', '1', '--value', '2'] + common)
+  assert steer.main(['--feature', '1', '--value', '2'] + common, model=smollm2) == 2
   assert '--feature needs --workdir' in capsys.readouterr().err

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dictlearn.analysis import statistics
 from dictlearn.analysis import steering
 from dictlearn.data import store as store_lib
 from dictlearn.lm import generate as gen
@@ -31,22 +32,6 @@ def monotone(values: Sequence[float]) -> bool:
 
 def round_up(n: int, multiple: int = gen.PROMPT_BUCKET) -> int:
   return -(-n // multiple) * multiple
-
-
-@jax.jit
-def _feature_column(sae, rows, feature):
-  return sae.encode(rows)[:, feature]
-
-
-def feature_top_rows(sae: steering.SaeAtSite, store_path: str, feature: int, n_top: int
-                     ) -> tuple[float, np.ndarray]:
-  """A feature's max activation over a whole store and the rows of its n_top largest."""
-  reader = store_lib.StoreReader(store_path, d_model=sae.sae.d_model)
-  column = np.concatenate([
-      np.asarray(_feature_column(sae, jnp.asarray(np.asarray(
-          reader.read_rows(start, min(start + 4096, reader.n_rows)), np.float32)), feature))
-      for start in range(0, reader.n_rows, 4096)])
-  return float(column.max()), np.argsort(-column)[:n_top]
 
 
 def store_contexts(store_path: str, rows: np.ndarray, length: int, bos_id: int) -> list:
@@ -87,8 +72,9 @@ def run(config: ml_collections.ConfigDict, model, *, model_path: Optional[str] =
   sae.check_features(feature)
   max_act, top_rows = config.max_activation, None
   if max_act <= 0 or config.top_contexts:
-    measured, top_rows = feature_top_rows(sae, store, feature, config.top_contexts)
-    max_act = measured if max_act <= 0 else max_act
+    about = statistics.load_statistics(config.sae_workdir).feature(feature)
+    max_act = about['max_activation'] if max_act <= 0 else max_act
+    top_rows = np.asarray([row for _, row in about['top'][:config.top_contexts]])
 
   def program(clamp_value=None, add_coefficient=None):
     """One structure for every forward and generation: [clamp, add], each on or off."""

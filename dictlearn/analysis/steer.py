@@ -1,72 +1,35 @@
 """Steer a model from the command line: baseline and steered completions side by side.
 
-    python -m dictlearn.analysis.steer --workdir runs/smollm2 --feature 123 --scale 4 \\
+    python -m dictlearn.analysis.steer --workdir runs/smollm2 --feature 3534 --scale 3 \\
         --prompt "Tell me about your weekend."
     python -m dictlearn.analysis.steer --vector love.safetensors --coefficient 6 --prompt "I think"
     python -m dictlearn.analysis.steer --cap=-5,3 --direction axis.safetensors --prompt "..."
 
 Features: `--feature I[,J...]` of the SAE in `--workdir`, clamped to `--scale`
-times each feature's max activation (`--max_activation`, or measured on the
-first `--stat_rows` rows of the run's activation store), or to `--value` (the
-SAE's units), or pushed along its decoder direction with `--add C`. Vectors and
-directions come from vector files (`dictlearn.analysis.vectors_io`); a vector
-of n rows (ActAdd) goes to the first n positions. Every intervention acts on
-`--positions` (all, prompt, generated) and they compose. Each prompt is
-completed greedily and sampled (`--temperature`, `--seed`), without and with
-the interventions.
+times each feature's max activation (from the run's feature statistics,
+`python -m dictlearn.analysis.features --workdir DIR`, or `--max_activation`),
+or to `--value` (the SAE's units), or pushed along its decoder direction with
+`--add C`. Vectors and directions come from vector files
+(`dictlearn.analysis.vectors_io`); a vector of n rows (ActAdd) goes to the
+first n positions. Every intervention acts on `--positions` (all, prompt,
+generated) and they compose. Each prompt is completed greedily and sampled
+(`--temperature`, `--seed`), without and with the interventions; the baseline
+is the steered program with the interventions switched off.
 """
 import argparse
-import functools
-import logging
 import sys
 import textwrap
 from typing import Optional, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from dictlearn import harvest
+from dictlearn import cli
+from dictlearn import lm
+from dictlearn.analysis import statistics
 from dictlearn.analysis import steering
 from dictlearn.analysis import vectors_io
-from dictlearn.data import store as store_lib
 from dictlearn.lm import generate as gen
-from dictlearn.lm import gguf as gguf_lib
 from dictlearn.lm import llama
-
-_ROWS_PER_CALL = 1024
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _chunk_max(sae, params, buffers, x):
-  return jnp.max(sae.encode(params, buffers, x), axis=0)
-
-
-def max_activations(sae: steering.SaeAtSite, store_path: str, n_rows: int = -1) -> np.ndarray:
-  """Each feature's largest activation (SAE units) over the first `n_rows` rows of a store.
-
-  A stand-in for the per-latent statistics of `dictlearn.analysis.features`.
-
-  Args:
-    sae: the SAE.
-    store_path: the activation store it was trained on.
-    n_rows: rows read from the start (-1: all).
-
-  Raises:
-    ValueError: n_rows is 0 or below -1.
-  """
-  if n_rows == 0 or n_rows < -1:
-    raise ValueError(f'max_activations needs n_rows >= 1 or -1 (all), got {n_rows}.')
-  reader = store_lib.StoreReader(store_path, d_model=sae.sae.d_model)
-  n_rows = reader.n_rows if n_rows == -1 else n_rows
-  best = np.zeros(sae.n_latents, np.float32)
-  for start in range(0, min(n_rows, reader.n_rows), _ROWS_PER_CALL):
-    rows = np.asarray(reader.read_rows(start, min(start + _ROWS_PER_CALL, n_rows,
-                                                  reader.n_rows)), np.float32)
-    best = np.maximum(best, np.asarray(_chunk_max(sae.sae, sae.params, sae.buffers,
-                                                  jnp.asarray(rows) * sae.data_scale)))
-  return best
-
 
 def encode_prompts(tokenizer, prompts: Sequence[str], chat: bool) -> list[list[int]]:
   """Token ids of each prompt, as a user turn of a chat (`chat`) or as plain text."""
@@ -131,31 +94,28 @@ def _parse_features(text: str) -> list[int]:
     raise argparse.ArgumentTypeError(f'--feature takes integers I[,J...], got {text!r}') from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog='python -m dictlearn.analysis.steer', description=__doc__.splitlines()[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter, epilog='\n'.join(
-          __doc__.splitlines()[2:]))
+def build_parser() -> cli.ArgumentParser:
+  parser = cli.ArgumentParser(prog='python -m dictlearn.analysis.steer', description=__doc__)
   parser.add_argument('--prompt', action='append', required=True,
                       help='a prompt (repeat for several)')
   parser.add_argument('--raw', action='store_true',
                       help='plain-text prompts (default: a user turn of the chat template)')
   parser.add_argument('--model', default=None,
-                      help="GGUF file (default: the SAE run's model, else SmolLM2-135M-Instruct)")
+                      help="GGUF file or Hugging Face directory (default: the model the SAE's "
+                      'store was harvested from, else SmolLM2-135M-Instruct)')
   feature = parser.add_argument_group('SAE features')
   feature.add_argument('--workdir', help='SAE training workdir (or a pipeline workdir)')
   feature.add_argument('--step', type=int, default=None, help='checkpoint step (default latest)')
-  feature.add_argument('--site', default=None,
-                       help="the SAE's hook site (default: its activation store's)")
+  feature.add_argument('--store', default=None,
+                       help="the SAE's activation store where it is now, if it moved")
   feature.add_argument('--feature', type=_parse_features, help='feature index(es) I[,J...]')
   how = feature.add_mutually_exclusive_group()
   how.add_argument('--scale', type=float, help="clamp to this multiple of the max activation")
   how.add_argument('--value', type=float, help="clamp to this value (the SAE's units)")
   how.add_argument('--add', type=float, help='add this many units of the decoder direction')
   feature.add_argument('--max_activation', type=float, action='append',
-                       help='max activation of each feature (default: measured on the store)')
-  feature.add_argument('--stat_rows', type=int, default=16384,
-                       help='store rows to measure max activations on')
+                       help="max activation of each feature (default: the run's feature "
+                       'statistics)')
   vector = parser.add_argument_group('vectors and directions (vector files)')
   vector.add_argument('--vector', help='vector file to add')
   vector.add_argument('--coefficient', type=float, default=4.0, help='multiple of --vector added')
@@ -200,7 +160,7 @@ def build_interventions(args, cfg, identity: dict, sae: Optional[steering.SaeAtS
       else:
         maxima = args.max_activation
         if maxima is None:
-          measured = max_activations(sae, args.store, args.stat_rows)
+          measured = statistics.load_statistics(args.workdir).max_activation
           maxima = [float(measured[i]) for i in args.feature]
         elif len(maxima) != len(args.feature):
           raise ValueError(f'--max_activation given {len(maxima)} times for {len(args.feature)} '
@@ -232,50 +192,39 @@ def build_interventions(args, cfg, identity: dict, sae: Optional[steering.SaeAtS
   return out, lines
 
 
-def _check_args(parser, args):
+def check_args(args) -> None:
+  """Raises cli.UsageError for flags that do not go together."""
   if args.feature is not None:
     if not args.workdir:
-      parser.error('--feature needs --workdir (the SAE training run).')
+      raise cli.UsageError('--feature needs --workdir (the SAE training run).')
     if args.scale is None and args.value is None and args.add is None:
-      parser.error('--feature needs one of --scale, --value or --add.')
+      raise cli.UsageError('--feature needs one of --scale, --value or --add.')
   elif args.workdir and not (args.vector or args.cap or args.ablate):
-    parser.error('--workdir given without --feature: say which feature to steer.')
+    raise cli.UsageError('--workdir given without --feature: say which feature to steer.')
   if (args.cap or args.ablate) and not args.direction:
-    parser.error('--cap and --ablate need --direction FILE (a vector file).')
+    raise cli.UsageError('--cap and --ablate need --direction FILE (a vector file).')
   if args.direction and not (args.cap or args.ablate):
-    parser.error('--direction needs --cap LO,HI or --ablate.')
+    raise cli.UsageError('--direction needs --cap LO,HI or --ablate.')
   if args.feature is None and not args.vector and not (args.cap or args.ablate):
-    parser.error('nothing to steer with: give --feature, --vector, --cap or --ablate.')
+    raise cli.UsageError('nothing to steer with: give --feature, --vector, --cap or --ablate.')
 
 
-def main(argv=None, model=None) -> int:
-  """The command; `model` is an already loaded (cfg, params, tokenizer) to skip loading one."""
-  parser = build_parser()
-  args = parser.parse_args(argv)
-  _check_args(parser, args)
-  logging.basicConfig(level=logging.WARNING)
-  logging.getLogger('absl').setLevel(logging.ERROR)  # orbax's notes on read-only checkpoints
-  try:
-    sae, model_path = None, args.model
-    if args.workdir:
-      run = steering.load_sae_run(args.workdir, args.step, site=args.site)
-      sae, args.store = run.sae, run.store
-      sae.check_features(np.asarray(args.feature))  # before a model is loaded
-      if model_path is None and model is None:
-        model_path = harvest.resolve_model_path(run.model)
-    if model is None:
-      model_path = model_path or gguf_lib.default_gguf_path()
-      model = gguf_lib.load_gguf(model_path)
-    cfg, params, tokenizer = model
-    identity = vectors_io.model_identity(cfg, model_path)
-    interventions, lines = build_interventions(args, cfg, identity, sae)
-    prompts = encode_prompts(tokenizer, args.prompt, chat=not args.raw)
-    results = compare(params, cfg, tokenizer, prompts, interventions,
-                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      seed=args.seed)
-  except (ValueError, FileNotFoundError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+def steer(args, model=None) -> int:
+  """The command on parsed flags; `model` is an already loaded (cfg, params, tokenizer)."""
+  sae, model_path = None, args.model
+  if args.workdir:
+    run = steering.load_sae_run(args.workdir, args.step, store=args.store)
+    sae = run.sae
+    sae.check_features(np.asarray(args.feature))  # before a model is loaded
+    model_path = model_path or run.model
+  model_path = lm.resolve_model(model_path or '')
+  cfg, params, tokenizer = model or lm.load_model(model_path)
+  interventions, lines = build_interventions(args, cfg, vectors_io.model_identity(cfg, model_path),
+                                             sae)
+  prompts = encode_prompts(tokenizer, args.prompt, chat=not args.raw)
+  results = compare(params, cfg, tokenizer, prompts, interventions,
+                    max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    seed=args.seed)
   print('\n'.join(['steering: ' + line for line in lines]))
   for text, result in zip(args.prompt, results):
     print(f'\n=== {text}')
@@ -285,6 +234,16 @@ def main(argv=None, model=None) -> int:
                          result[f'steered_{mode}'], args.width))
       print()
   return 0
+
+
+def main(argv=None, model=None) -> int:
+  """The command; `model` (cfg, params, tokenizer) skips loading one (tests, notebooks)."""
+
+  def run(args):
+    check_args(args)
+    return steer(args, model)
+
+  return cli.run_tool(run, build_parser(), argv)
 
 
 if __name__ == '__main__':

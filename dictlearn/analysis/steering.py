@@ -35,19 +35,16 @@ reads a training run's checkpoint with its site and scale.
 import dataclasses
 import functools
 import logging
-import os
 from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from dictlearn.data import store as store_lib
+from dictlearn.analysis import encoding
+from dictlearn.analysis import features
 from dictlearn.lm import llama
-from dictlearn.sae import make_sae
 from dictlearn.sae.base import SparseAutoencoder
-from dictlearn.train import checkpoint as ckpt_lib
 
 SPANS = ('all', 'prompt', 'generated')
 NO_TOKEN = -1  # skip_token value that skips nothing
@@ -199,66 +196,40 @@ class SaeAtSite:
                        f'{self.n_latents} latents (valid 0..{self.n_latents - 1}).')
 
 
-def sae_run_dir(workdir: str) -> str:
-  """The training workdir of an SAE: `workdir` itself, or its `sae/` (a pipeline workdir).
-
-  Raises:
-    FileNotFoundError: neither holds checkpoints.
-  """
-  for candidate in (workdir, os.path.join(workdir, 'sae')):
-    if os.path.isdir(ckpt_lib.checkpoint_dir(candidate)):
-      return candidate
-  raise FileNotFoundError(f'no SAE checkpoints under {workdir} (looked in {workdir}/checkpoints '
-                          f'and {workdir}/sae/checkpoints); pass a training workdir.')
-
-
 class SaeRun(NamedTuple):
-  """A training run's SAE and where it came from."""
+  """A training run's SAE at its site, and where it came from."""
   sae: SaeAtSite
   step: int
   store: str  # the activation store it was trained on
-  model: str  # the harvest's model setting ('' for SmolLM2's cached GGUF; see harvest)
+  model: Optional[str]  # the language model the store was harvested from (None: synthetic)
 
 
 def load_sae_run(workdir: str, step: Optional[int] = None, *,
-                 site: Optional[str] = None) -> SaeRun:
+                 store: Optional[str] = None) -> SaeRun:
   """A training run's SAE at its site, with its data_scale (latest checkpoint by default).
 
   Args:
-    workdir: the training workdir (or a pipeline workdir holding `sae/`).
+    workdir: the training run (or a pipeline's directory: its run is sae/).
     step: checkpoint step (None: the latest).
-    site: the hook site; default: the site of the run's activation store. Needed
-      when the store is gone.
+    store: the run's store where it is now, if it moved (see `features.open_run`).
 
   Raises:
-    FileNotFoundError: no checkpoint, or no store to take the site from.
+    FileNotFoundError: no checkpoint, or no store where the run says.
   """
-  directory = ckpt_lib.checkpoint_dir(sae_run_dir(workdir))
-  step, config, run_info = ckpt_lib.read_metadata(directory, step)
-  _, state = ckpt_lib.restore_arrays(directory, step)
-  sae = make_sae(ml_collections.ConfigDict(config).sae, run_info['d_model'])
-  manifest = {}
-  try:
-    manifest = store_lib.StoreReader(run_info['store'], d_model=run_info['d_model']).manifest
-  except FileNotFoundError:
-    if site is None:
-      raise FileNotFoundError(f'the run at {workdir} names the store {run_info["store"]}, which '
-                              'is gone; pass site= (the hook site the SAE was trained at).')
-  extra = manifest.get('extra') or {}
-  model_name = (extra.get('model') or {}).get('name', '')
+  run = features.open_run(workdir, store=store, step=step)
+  params, buffers = features.restore_params(run, encoding.latent_mesh(jax.devices()[:1]))
+  extra = run.manifest.get('extra') or {}
   skip = extra['bos_id'] if extra.get('exclude_bos') else NO_TOKEN
-  site = site or manifest['site']
-  logging.info('SAE from %s step %d at %s (%d latents, data_scale %.4g)', directory, step, site,
-               sae.n_latents, run_info['data_scale'])
-  at_site = SaeAtSite(sae, site, model_name, int(skip), state['params'], state['buffers'],
-                      _f32(run_info['data_scale']))
-  return SaeRun(at_site, step, run_info['store'], (extra.get('harvest') or {}).get('model', ''))
+  sae = SaeAtSite(run.sae, run.manifest['site'], (extra.get('model') or {}).get('name', ''),
+                  int(skip), params, buffers, _f32(run.data_scale))
+  logging.info('SAE of %s step %d at %s (%d latents, data_scale %.4g)', run.workdir, run.step,
+               sae.site, sae.n_latents, run.data_scale)
+  return SaeRun(sae, run.step, run.reader.path, features.language_model_path(run.manifest))
 
 
-def load_sae(workdir: str, step: Optional[int] = None, *, site: Optional[str] = None
-             ) -> SaeAtSite:
+def load_sae(workdir: str, step: Optional[int] = None) -> SaeAtSite:
   """`load_sae_run(...).sae`: the SAE of a training run at its site, with its data_scale."""
-  return load_sae_run(workdir, step, site=site).sae
+  return load_sae_run(workdir, step).sae
 
 
 # ---- interventions -----------------------------------------------------------------
