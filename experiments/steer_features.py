@@ -18,7 +18,7 @@ of its top-logit tokens 0.0000 -> 0.0004 -> 0.0059 -> 0.0160 (baseline, then
 1, 2, 3 x max); completions about Python in 0, 3, 4, 6 of 6. Clamped to zero,
 nothing changes on neutral or programming prompts (a token feature at block 12
 is one of several routes to the word); at its top store contexts its read-back
-activation falls from 5.43 to 1.26.
+activation falls from 5.05 to 1.17.
 """
 import ml_collections
 

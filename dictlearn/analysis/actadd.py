@@ -1,13 +1,14 @@
 """Reproduction 2, ActAdd (Turner et al. 2023): "Love" - "Hate" added at a middle layer.
 
 The steering vector is the difference of the residual stream entering block L
-on two prompts, S + "Love" and S + "Hate" (padded with spaces to one length, as
-the paper does), one row per position, where S is `config.document_start`
-(GPT-2's <|endoftext|> in the paper; SmolLM2's <|endoftext|> too: after its
-tokenizer's BOS, <|im_start|>, a capitalised word is an outlier of norm ~600
-instead of ~100). Added with coefficient c at the front positions of a prompt
-that also starts with S (row j at position j; the rows of S are equal, so their
-difference is zero), or its mean non-S row at every position. Measured on the next token after neutral prompts:
+on two prompts, S + plus and S + minus (the shorter padded with spaces, as the
+paper does), one row per position, where S is `config.document_start` (GPT-2's
+<|endoftext|> in the paper, and SmolLM2's: after its tokenizer's BOS,
+<|im_start|>, a capitalised word is an outlier of norm ~600 instead of ~100).
+Added with coefficient c at the front positions of a prompt that also starts
+with S (row j at position j; the rows of S are equal, so their difference is
+zero), or its mean non-S row at every position. Measured on the
+next token after neutral prompts:
 
     logodds = log P(positive words) - log P(negative words)
 

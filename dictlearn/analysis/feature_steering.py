@@ -13,7 +13,6 @@ import numpy as np
 
 from dictlearn.analysis import statistics
 from dictlearn.analysis import steering
-from dictlearn.data import store as store_lib
 from dictlearn.lm import generate as gen
 from dictlearn.lm import llama
 
@@ -32,17 +31,6 @@ def monotone(values: Sequence[float]) -> bool:
 
 def round_up(n: int, multiple: int = gen.PROMPT_BUCKET) -> int:
   return -(-n // multiple) * multiple
-
-
-def store_contexts(store_path: str, rows: np.ndarray, length: int, bos_id: int) -> list:
-  """For each row: BOS and the tokens of its document up to and including it (at most `length`)."""
-  reader = store_lib.StoreReader(store_path)
-  out = []
-  for row in rows.tolist():
-    pos = int(reader.read_pos(row, row + 1)[0])
-    start = row - min(pos, length - 2)
-    out.append([bos_id] + np.asarray(reader.read_tokens(start, row + 1)).tolist())
-  return out
 
 
 def run(config: ml_collections.ConfigDict, model, *, model_path: Optional[str] = None,
@@ -64,17 +52,17 @@ def run(config: ml_collections.ConfigDict, model, *, model_path: Optional[str] =
   """
   del model_path, out_dir  # nothing saved besides the results
   cfg, params, tok = model
-  store = None
   if sae is None:
-    sae_run = steering.load_sae_run(config.sae_workdir)
-    sae, store = sae_run.sae, sae_run.store
+    sae = steering.load_sae(config.sae_workdir)
   feature = config.feature
   sae.check_features(feature)
-  max_act, top_rows = config.max_activation, None
+  max_act, top_contexts = config.max_activation, []
   if max_act <= 0 or config.top_contexts:
     about = statistics.load_statistics(config.sae_workdir).feature(feature)
     max_act = about['max_activation'] if max_act <= 0 else max_act
-    top_rows = np.asarray([row for _, row in about['top'][:config.top_contexts]])
+    # BOS and the window before each top activation, up to the token it fires on.
+    top_contexts = [[tok.bos_id] + c['tokens'][:c['centre'] + 1] for c in about['contexts']
+                    if c['kind'] == 'top'][:config.top_contexts]
 
   def program(clamp_value=None, add_coefficient=None):
     """One structure for every forward and generation: [clamp, add], each on or off."""
@@ -136,20 +124,18 @@ def run(config: ml_collections.ConfigDict, model, *, model_path: Optional[str] =
     probe = {'baseline': probe_base, 'clamp 0': measure(probes, 0.0, probe_fixed)[0]}
   high = [conditions[f'clamp {m:g}x max'] for m in config.multiples]
   firing = {}
-  if config.top_contexts:
+  if top_contexts:
     # Where the feature fires most in the store: its activation there (read back at the
     # site) and the probability of its top-logit tokens, unsteered and clamped to zero.
-    contexts = store_contexts(store, top_rows, width - 1, tok.bos_id)
-    tokens, mask = gen.pad_right(contexts, tok.pad_id, width)
-    last = np.asarray([len(c) - 1 for c in contexts])
-    rows = np.arange(len(contexts))
+    tokens, mask = gen.pad_right(top_contexts, tok.pad_id, width)
+    last = np.asarray([len(c) - 1 for c in top_contexts])
+    rows = np.arange(len(top_contexts))
     for name, value in (('baseline', None), ('clamp 0', 0.0)):
       lp, acts = log_probs(params, cfg, tokens, mask, program(value), read_sites=[sae.site])
       lp = np.asarray(lp)[rows, last]
-      firing[name] = {
-          'feature': float(np.asarray(sae.encode(acts[sae.site])[..., feature])[rows, last].mean()),
-          'p_top_logit': float(np.exp(lp[:, top_ids]).sum(-1).mean()),
-      }
+      own = np.asarray(sae.encode(acts[sae.site])[..., feature])[rows, last]
+      firing[name] = {'feature': float(own.mean()),
+                      'p_top_logit': float(np.exp(lp[:, top_ids]).sum(-1).mean())}
   return {
       'site': sae.site, 'feature': feature,
       'reading': config.reading, 'max_activation': max_act, 'top_logit_tokens': top_tokens,
