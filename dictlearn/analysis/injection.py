@@ -23,9 +23,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dictlearn.analysis import activations
 from dictlearn.analysis import steering
+from dictlearn.analysis import vectors
 from dictlearn.lm import generate as gen
-from dictlearn.lm import llama
 
 DENY_PATTERN = re.compile(r"^\W*no\b|\b(do not|don't|did not|didn't|cannot|can't) (detect|notice|"
                           r"sense)|\bno (injected|thought)|\bnot detect")
@@ -43,17 +44,18 @@ def mentions(reply: str, word: str) -> bool:
   return re.search(rf'\b{re.escape(word.lower())}(s|es)?\b', reply.lower()) is not None
 
 
-def concept_vectors(params, cfg, tokenizer, words: Sequence[str], baseline: Sequence[str],
-                    site: str, template: str) -> dict:
-  """{word: activation at the last prompt token of template(word) - its mean over baseline}."""
-  chats = [tokenizer.encode_chat([{'role': 'user', 'content': template.format(word=w)}])
+def concept_vectors(model, words: Sequence[str], baseline: Sequence[str], site: str,
+                    template: str) -> dict:
+  """{word: activation at the last prompt token of template(word) - its mean over baseline}.
+
+  `dictlearn.analysis.vectors.concept_vectors` over one position per text: the
+  end of the chat prompt, where the assistant's turn is about to start.
+  """
+  tok = model[2]
+  chats = [tok.encode_chat([{'role': 'user', 'content': template.format(word=w)}])
            for w in list(words) + list(baseline)]
-  tokens, mask = gen.pad_right(chats, tokenizer.pad_id)
-  _, acts = llama.forward(params, cfg, tokens, attention_mask=mask, read_sites=[site],
-                          return_logits=False)
-  last = np.asarray(acts[site])[np.arange(len(chats)), [len(c) - 1 for c in chats]]
-  mean = last[len(words):].mean(0)
-  return {w: last[i] - mean for i, w in enumerate(words)}
+  last = [a[-1:] for a in activations.read_activations(model, chats, [site])[site]]
+  return vectors.concept_vectors(dict(zip(words, [[a] for a in last])), last[len(words):])
 
 
 def trial_prompt(tokenizer, config) -> tuple[list[int], int]:
@@ -78,9 +80,9 @@ def run(config: ml_collections.ConfigDict, model, *, model_path: Optional[str] =
              'trials_per_cell': len(prompts), 'examples': {}}
   for layer in config.layers:
     site = f'blocks.{layer}.hook_resid_post'
-    vectors = concept_vectors(params, cfg, tok, concepts, config.baseline_words, site,
+    concept = concept_vectors(model, concepts, config.baseline_words, site,
                               config.concept_template)
-    per_row = np.stack([vectors[concepts[i]] for i in owner])
+    per_row = np.stack([concept[concepts[i]] for i in owner])
     rows = {}
     for strength in config.strengths:
       inject = steering.add(site, per_row, strength, steering.span('all', start=start),
@@ -95,7 +97,7 @@ def run(config: ml_collections.ConfigDict, model, *, model_path: Optional[str] =
                                'identifies': float((claims & named).mean()),
                                'mentions': float(named.mean())}
       results['examples'][f'{layer}/{strength:g}'] = replies[0]
-    norms = [float(np.linalg.norm(v)) for v in vectors.values()]
+    norms = [float(np.linalg.norm(v)) for v in concept.values()]
     results['layers'][layer] = {'site': site, 'vector_norm': float(np.mean(norms)), 'rows': rows}
   return results
 
