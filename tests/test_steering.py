@@ -16,7 +16,6 @@ from dictlearn.analysis import steering
 from dictlearn.analysis import vectors_io
 from dictlearn.lm import generate as gen
 from dictlearn.lm import llama
-from dictlearn.sae import make_sae
 from experiments import tiny
 
 SITE = 'blocks.12.hook_resid_post'
@@ -47,14 +46,10 @@ def baseline(smollm2, tokens):
 
 
 @pytest.fixture(scope='module')
-def random_sae(smollm2):
+def random_sae(smollm2, small_topk_sae):
   """A TopK SAE of 256 latents at SITE, encoder perturbed so that W_enc[:, i] . W_dec[i] != 1."""
   cfg, _, _ = smollm2
-  sae_cfg = tiny.get_config('topk').sae
-  sae_cfg.unlock()
-  sae_cfg.n_latents, sae_cfg.k = 256, 8
-  sae = make_sae(sae_cfg, cfg.d_model)
-  params, buffers = sae.init(jax.random.PRNGKey(0))
+  sae, params, buffers = small_topk_sae
   noise = 0.02 * jax.random.normal(jax.random.PRNGKey(1), params['W_enc'].shape)
   params = dict(params, W_enc=params['W_enc'] * 0.8 + noise)
   return steering.SaeAtSite(sae, SITE, cfg.name, steering.NO_TOKEN, params, buffers,
@@ -72,21 +67,31 @@ def test_zero_strength_is_bitwise_and_a_sweep_compiles_once(smollm2, tokens, bas
   plain_logits, _ = baseline
   v, u = 50 * _unit(0, cfg.d_model), _unit(1, cfg.d_model)
 
-  def run(c):
+  def run(c, off=False):
     interventions = [
         steering.add('blocks.3.hook_resid_post', v, c),
         steering.add_feature(random_sae, 7, 10 * c),
         steering.ablate('blocks.20.hook_mlp_out', u, c),
-        steering.cap('blocks.20.hook_resid_post', u),  # an unbounded band
-        TraceCounter('blocks.20.hook_resid_post'),
+        steering.cap('blocks.20.hook_resid_post', u, -1.0, 1.0),
     ]
+    if off:
+      interventions = steering.switched_off(interventions)
+    interventions.append(TraceCounter('blocks.20.hook_resid_post'))
     return llama.forward(params, cfg, tokens, interventions=interventions)[0]
 
   TRACES.clear()
-  np.testing.assert_array_equal(np.asarray(run(0.0)), np.asarray(plain_logits))
+  np.testing.assert_array_equal(np.asarray(run(2.0, off=True)), np.asarray(plain_logits))
   shifts = [float(jnp.max(jnp.abs(run(c) - plain_logits))) for c in (0.5, 1.0, 2.0)]
-  assert TRACES['blocks.20.hook_resid_post'] == 1  # four strengths, one compiled program
+  assert TRACES['blocks.20.hook_resid_post'] == 1  # four runs, one compiled program
   assert 0 < shifts[0] < shifts[1] < shifts[2]
+  # Zero strengths and a band holding every projection: the unpatched model, bit for bit.
+  zero = llama.forward(params, cfg, tokens, interventions=[
+      steering.add('blocks.3.hook_resid_post', v, 0.0),
+      steering.add_feature(random_sae, 7, 0.0),
+      steering.ablate('blocks.20.hook_mlp_out', u, 0.0),
+      steering.cap('blocks.20.hook_resid_post', u), TraceCounter('blocks.20.hook_resid_post')])[0]
+  np.testing.assert_array_equal(np.asarray(zero), np.asarray(plain_logits))
+  assert TRACES['blocks.20.hook_resid_post'] == 1
 
 
 def test_clamp_sets_the_feature_in_the_sae_decomposition(smollm2, tokens, baseline, random_sae):
@@ -163,6 +168,22 @@ def test_spans_in_forward(smollm2, tokens, baseline):
   expected[6] += v2
   # (x + a) - x is a to within float32 rounding at x's magnitude.
   np.testing.assert_allclose(delta, expected, atol=1e-6 * float(jnp.max(jnp.abs(acts[SITE]))))
+
+
+def test_per_row_vectors_and_coefficients(smollm2, tokens, baseline):
+  cfg, params, _ = smollm2
+  v1, v2 = _unit(5, cfg.d_model), _unit(6, cfg.d_model)
+  two = jnp.concatenate([tokens, tokens])
+  interventions = [steering.add(SITE, np.stack([v1, v2]), 2.0, per_row=True),
+                   steering.add(SITE, v1, jnp.asarray([1.0, 0.0]))]
+  _, acts = llama.forward(params, cfg, two, read_sites=[SITE], interventions=interventions)
+  delta = np.asarray(acts[SITE] - baseline[1][SITE])
+  tol = 1e-5 * float(jnp.max(jnp.abs(acts[SITE])))
+  np.testing.assert_allclose(delta[0], np.broadcast_to(3 * v1, delta[0].shape), atol=tol)
+  np.testing.assert_allclose(delta[1], np.broadcast_to(2 * v2, delta[1].shape), atol=tol)
+  with pytest.raises(ValueError, match='per-row vector.*3 rows; the batch has 2'):
+    llama.forward(params, cfg, two, interventions=[
+        steering.add(SITE, np.ones((3, cfg.d_model)), per_row=True)])
 
 
 def test_positions_honoured_in_generation(smollm2):
@@ -245,3 +266,56 @@ def test_vector_file_round_trip_and_refusals(tmp_path, smollm2):
   not_ours.write_bytes(b'garbage')
   with pytest.raises(ValueError, match='not a safetensors file'):
     vectors_io.load_vectors(str(not_ours))
+
+
+# ---- the command line ----------------------------------------------------------------------
+
+
+def _write_sae_run(workdir, sae_at_site):
+  """A training workdir holding one checkpoint of `sae_at_site`, beside a small store at SITE."""
+  from dictlearn.data import store as store_lib
+  from dictlearn.train import checkpoint as ckpt_lib
+  store = str(workdir / 'store')
+  writer = store_lib.StoreWriter(store, 576, chunk_rows=64, shard_chunks=1,
+                                 metadata={'model': 'SmolLM2', 'site': SITE})
+  writer.append(np.random.default_rng(0).normal(size=(64, 576)).astype(np.float32))
+  writer.finish()
+  config = tiny.get_config('topk').to_dict()
+  config['sae'].update(n_latents=sae_at_site.n_latents, k=8)
+  run = str(workdir / 'sae')
+  manager = ckpt_lib.make_manager(ckpt_lib.checkpoint_dir(run), async_save=False)
+  state = {'params': sae_at_site.params, 'buffers': sae_at_site.buffers}
+  ckpt_lib.save(manager, 1, state, config, ckpt_lib.run_record(
+      store, run, d_model=576, data_scale=float(sae_at_site.data_scale)))
+  manager.wait_until_finished()
+  manager.close()
+  return run
+
+
+def test_steer_command_feature_and_vector_side_by_side(tmp_path, capsys, smollm2, random_sae):
+  from dictlearn.analysis import steer
+  cfg, params, _ = smollm2
+  run = _write_sae_run(tmp_path, random_sae)
+  vector = str(tmp_path / 'berlin.safetensors')
+  vectors_io.save_vectors(vector, {'berlin': 400.0 * params['embed'][11452]},
+                          site='blocks.6.hook_resid_post', model=vectors_io.model_identity(cfg),
+                          provenance={'method': 'embedding of a token'})
+  common = ['--prompt', 'My favourite city is', '--raw', '--max_new_tokens', '4']
+  assert steer.main(['--workdir', run, '--feature', '7', '--value', '3', '--vector', vector,
+                     '--coefficient', '1'] + common, model=smollm2) == 0
+  out = capsys.readouterr().out
+  assert 'clamp feature(s) [7] to [3.0] at blocks.12.hook_resid_post' in out
+  assert 'baseline (greedy)' in out and 'steered (sampled, T=0.8, seed 0)' in out
+  # Bad input: each one line naming what was wrong (exit status 1; a bad command line, 2).
+  bad = {
+      ('--workdir', run, '--feature', '4096', '--value', '1'): 'feature index [4096] out of range',
+      ('--workdir', run, '--feature', '1', '--scale', '2'): 'no feature statistics',
+      ('--workdir', run, '--feature', '1', '--scale', '2', '--max_activation', '1',
+       '--max_activation', '2'): 'give one per feature',
+      ('--cap=3,1', '--direction', vector): 'lo <= hi',
+  }
+  for flags, message in bad.items():
+    assert steer.main([*flags] + common, model=smollm2) == 1
+    assert message in capsys.readouterr().err
+  assert steer.main(['--feature', '1', '--value', '2'] + common, model=smollm2) == 2
+  assert '--feature needs --workdir' in capsys.readouterr().err

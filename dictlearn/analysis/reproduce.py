@@ -16,14 +16,20 @@ import time
 
 from dictlearn import cli
 from dictlearn import lm
+from dictlearn.analysis import actadd
 from dictlearn.analysis import binding
 from dictlearn.analysis import emotions
+from dictlearn.analysis import feature_steering
+from dictlearn.analysis import injection
 from dictlearn.analysis import on_policy
 from dictlearn.analysis import persona
 
 log = logging.getLogger(__name__)
 
 EXPERIMENTS = {
+    'feature_steering': feature_steering,
+    'actadd': actadd,
+    'injected_concepts': injection,
     'emotion_vectors': emotions,
     'persona_axis': persona,
     'on_policy': on_policy,

@@ -9,7 +9,8 @@ several at several sites compose (in list order at one site), and a sweep over
 strengths, vectors or features of the same shapes compiles once.
 
     add(site, vector, coefficient)          x + c v; v (d,) or (n, d): row j at position start + j
-                                            (ActAdd's front injection, `prompt_difference`)
+                                            (ActAdd's front injection, `prompt_difference`), or
+                                            one vector per batch row; c scalar or per batch row
     add_feature(sae, i, coefficient)        x + c W_dec[i] / data_scale
     clamp(sae, features, values)            x + sum_j (v_j - f_ij(x)) W_dec[i_j] / data_scale:
                                             the SAE's reading of x with f_i set to v, its
@@ -34,19 +35,16 @@ reads a training run's checkpoint with its site and scale.
 import dataclasses
 import functools
 import logging
-import os
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from dictlearn.data import store as store_lib
+from dictlearn.analysis import encoding
+from dictlearn.analysis import features
 from dictlearn.lm import llama
-from dictlearn.sae import make_sae
 from dictlearn.sae.base import SparseAutoencoder
-from dictlearn.train import checkpoint as ckpt_lib
 
 SPANS = ('all', 'prompt', 'generated')
 NO_TOKEN = -1  # skip_token value that skips nothing
@@ -121,6 +119,19 @@ def front(n_positions: int, start: int = 0) -> Span:
   return span('all', start=start, stop=start + n_positions)
 
 
+def switched_off(interventions: Sequence[llama.Patch]) -> list:
+  """The same interventions acting on no position: the unpatched model, bit for bit, from
+  the same compiled program (a baseline beside a sweep costs no compilation)."""
+  out = []
+  for patch in interventions:
+    where = getattr(patch, 'where', None)
+    if not isinstance(where, Span):
+      raise ValueError(f'{type(patch).__name__} at {patch.site!r} has no Span to switch off.')
+    out.append(dataclasses.replace(patch, where=dataclasses.replace(
+        where, start=_i32(_END), stop=_i32(_END))))
+  return out
+
+
 def _apply(x: jax.Array, delta: jax.Array, where: Span, tokens: llama.TokenInfo) -> jax.Array:
   """x + delta inside the span, x (bit for bit) outside, in float32."""
   x = x.astype(jnp.float32)
@@ -185,50 +196,40 @@ class SaeAtSite:
                        f'{self.n_latents} latents (valid 0..{self.n_latents - 1}).')
 
 
-def sae_run_dir(workdir: str) -> str:
-  """The training workdir of an SAE: `workdir` itself, or its `sae/` (a pipeline workdir).
-
-  Raises:
-    FileNotFoundError: neither holds checkpoints.
-  """
-  for candidate in (workdir, os.path.join(workdir, 'sae')):
-    if os.path.isdir(ckpt_lib.checkpoint_dir(candidate)):
-      return candidate
-  raise FileNotFoundError(f'no SAE checkpoints under {workdir} (looked in {workdir}/checkpoints '
-                          f'and {workdir}/sae/checkpoints); pass a training workdir.')
+class SaeRun(NamedTuple):
+  """A training run's SAE at its site, and where it came from."""
+  sae: SaeAtSite
+  step: int
+  store: str  # the activation store it was trained on
+  model: Optional[str]  # the language model the store was harvested from (None: synthetic)
 
 
-def load_sae(workdir: str, step: Optional[int] = None, *, site: Optional[str] = None) -> SaeAtSite:
+def load_sae_run(workdir: str, step: Optional[int] = None, *,
+                 store: Optional[str] = None) -> SaeRun:
   """A training run's SAE at its site, with its data_scale (latest checkpoint by default).
 
   Args:
-    workdir: the training workdir (or a pipeline workdir holding `sae/`).
+    workdir: the training run (or a pipeline's directory: its run is sae/).
     step: checkpoint step (None: the latest).
-    site: the hook site; default: the site of the run's activation store. Needed
-      when the store is gone.
+    store: the run's store where it is now, if it moved (see `features.open_run`).
 
   Raises:
-    FileNotFoundError: no checkpoint, or no store to take the site from.
+    FileNotFoundError: no checkpoint, or no store where the run says.
   """
-  directory = ckpt_lib.checkpoint_dir(sae_run_dir(workdir))
-  step, config, run_info = ckpt_lib.read_metadata(directory, step)
-  _, state = ckpt_lib.restore_arrays(directory, step)
-  sae = make_sae(ml_collections.ConfigDict(config).sae, run_info['d_model'])
-  manifest = {}
-  try:
-    manifest = store_lib.StoreReader(run_info['store'], d_model=run_info['d_model']).manifest
-  except FileNotFoundError:
-    if site is None:
-      raise FileNotFoundError(f'the run at {workdir} names the store {run_info["store"]}, which '
-                              'is gone; pass site= (the hook site the SAE was trained at).')
-  extra = manifest.get('extra') or {}
-  model_name = (extra.get('model') or {}).get('name', '')
+  run = features.open_run(workdir, store=store, step=step)
+  params, buffers = features.restore_params(run, encoding.latent_mesh(jax.devices()[:1]))
+  extra = run.manifest.get('extra') or {}
   skip = extra['bos_id'] if extra.get('exclude_bos') else NO_TOKEN
-  site = site or manifest['site']
-  logging.info('SAE from %s step %d at %s (%d latents, data_scale %.4g)', directory, step, site,
-               sae.n_latents, run_info['data_scale'])
-  return SaeAtSite(sae, site, model_name, int(skip), state['params'], state['buffers'],
-                   _f32(run_info['data_scale']))
+  sae = SaeAtSite(run.sae, run.manifest['site'], (extra.get('model') or {}).get('name', ''),
+                  int(skip), params, buffers, _f32(run.data_scale))
+  logging.info('SAE of %s step %d at %s (%d latents, data_scale %.4g)', run.workdir, run.step,
+               sae.site, sae.n_latents, run.data_scale)
+  return SaeRun(sae, run.step, run.reader.path, features.language_model_path(run.manifest))
+
+
+def load_sae(workdir: str, step: Optional[int] = None) -> SaeAtSite:
+  """`load_sae_run(...).sae`: the SAE of a training run at its site, with its data_scale."""
+  return load_sae_run(workdir, step).sae
 
 
 # ---- interventions -----------------------------------------------------------------
@@ -237,33 +238,57 @@ def load_sae(workdir: str, step: Optional[int] = None, *, site: Optional[str] = 
 @_pytree
 @dataclasses.dataclass(frozen=True)
 class AddVector(llama.Patch):
-  """x + coefficient * vector; a (n, d) vector puts row j at position where.start + j."""
+  """x + coefficient * vector.
+
+  A (d,) vector goes to every position of the span; a (n, d) vector puts row j
+  at position where.start + j; with `per_row`, a (batch, d) vector gives each
+  batch row its own. A (batch,) coefficient gives each batch row its own.
+  """
   site: str = _static()
+  per_row: bool = _static()
   vector: jax.Array
   coefficient: jax.Array
   where: Span
 
   def __call__(self, x, tokens):
-    v = self.vector
-    if v.ndim == 2:
+    v, c = self.vector, self.coefficient
+    for name, rows in (('per-row vector', v.shape[0] if self.per_row else None),
+                       ('per-row coefficient', c.shape[0] if c.ndim else None)):
+      if rows is not None and rows != x.shape[0]:
+        raise ValueError(f'The {name} at {self.site!r} has {rows} rows; the batch has '
+                         f'{x.shape[0]}.')
+    if self.per_row:
+      v = v[:, None, :]
+    elif v.ndim == 2:
       offset = jnp.clip(tokens.positions - self.where.start, 0, v.shape[0] - 1)
       v = v[offset]  # (batch, seq, d); positions past the rows lie outside the span
-    return _apply(x, self.coefficient * v, self.where, tokens)
+    c = c[:, None, None] if c.ndim == 1 else c
+    return _apply(x, c * v, self.where, tokens)
 
   def check(self, cfg):
     _check_width(self.site, self.vector, cfg, 'steering vector')
 
 
-def add(site: str, vector, coefficient=1.0, where: Optional[Span] = None) -> AddVector:
-  """Adds coefficient * vector at `site` (a (n, d) vector: row j at where.start + j).
+def add(site: str, vector, coefficient=1.0, where: Optional[Span] = None, *,
+        per_row: bool = False) -> AddVector:
+  """Adds coefficient * vector at `site` (see AddVector for the shapes).
 
   A (n, d) vector (ActAdd) defaults to the front window [0, n).
-  """
-  vector = _f32(vector)
-  if where is None:
-    where = front(vector.shape[0]) if vector.ndim == 2 else span()
-  return AddVector(site, vector, _f32(coefficient), where)
 
+  Raises:
+    ValueError: a per-row vector that is not (batch, d), or a coefficient that is
+      neither a scalar nor one per row.
+  """
+  vector, coefficient = _f32(vector), _f32(coefficient)
+  if per_row and vector.ndim != 2:
+    raise ValueError(f'a per-row vector at {site!r} must be (batch, d_model), got shape '
+                     f'{vector.shape}.')
+  if coefficient.ndim > 1:
+    raise ValueError(f'the coefficient at {site!r} must be a scalar or one per batch row, got '
+                     f'shape {coefficient.shape}.')
+  if where is None:
+    where = front(vector.shape[0]) if vector.ndim == 2 and not per_row else span()
+  return AddVector(site, per_row, vector, coefficient, where)
 
 def add_feature(sae: SaeAtSite, feature: int, coefficient, where: Optional[Span] = None
                 ) -> AddVector:

@@ -124,6 +124,29 @@ def pad_left(prompts: Sequence[Sequence[int]], pad_id: int,
   return tokens, mask
 
 
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, width: Optional[int] = None,
+              bucket: int = PROMPT_BUCKET) -> tuple[np.ndarray, np.ndarray]:
+  """Right-pads token lists to `width` (default: the longest, rounded up to `bucket`).
+
+  Returns:
+    (tokens int32 (batch, width), mask bool (batch, width)).
+
+  Raises:
+    ValueError: no sequences, or one longer than `width`.
+  """
+  if not seqs:
+    raise ValueError('pad_right needs at least one sequence.')
+  longest = max(len(s) for s in seqs)
+  width = width or -(-longest // bucket) * bucket
+  if longest > width:
+    raise ValueError(f'A sequence of {longest} tokens does not fit the width {width}.')
+  tokens = np.full((len(seqs), width), pad_id, np.int32)
+  mask = np.zeros((len(seqs), width), bool)
+  for row, s in enumerate(seqs):
+    tokens[row, :len(s)], mask[row, :len(s)] = s, True
+  return tokens, mask
+
+
 def generate(params: llama.Params, cfg: llama.LlamaConfig, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int, eos_id: Optional[int], pad_id: int = 0,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,

@@ -209,7 +209,7 @@ NO_HOOKS = Hooks(frozenset(), {})
 
 def as_patches(patches: Optional[Mapping[str, PatchFn]] = None,
                interventions: Sequence[Patch] = ()) -> tuple:
-  """One tuple of `Patch` objects: the functions of `patches` (sorted by site), then `interventions`.
+  """One tuple of `Patch` objects: `patches`' functions (sorted by site), then `interventions`.
 
   Raises:
     TypeError: a function patch that is not callable, or an intervention that is not a `Patch`.
