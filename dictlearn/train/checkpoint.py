@@ -357,9 +357,10 @@ def restore_sae(directory: str, step: int | None, shardings: dict) -> tuple[int,
   Raises:
     FileNotFoundError: no checkpoint (at that step) under `directory`.
     ValueError: `shardings` names other arrays than the checkpoint holds.
+    CorruptCheckpointError: the arrays differ from those saved (their checksums).
   """
   handlers = {'state': ocp.PyTreeCheckpointHandler(), 'config': ocp.JsonCheckpointHandler(),
-              'run': ocp.JsonCheckpointHandler()}
+              'run': ocp.JsonCheckpointHandler(), 'checksums': ocp.JsonCheckpointHandler()}
   manager = ocp.CheckpointManager(_abs(directory), item_handlers=handlers,
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   try:
@@ -381,6 +382,8 @@ def restore_sae(directory: str, step: int | None, shardings: dict) -> tuple[int,
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=restore_args, partial_restore=True)))
     state = restored['state']
+    verify_checksums(manager, step, {'params': state['params'],
+                                     'buffers': state.get('buffers') or {}})
     return step, state['params'], state.get('buffers') or {}
   finally:
     manager.close()
