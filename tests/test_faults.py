@@ -16,6 +16,7 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import tensorstore as ts
@@ -247,6 +248,9 @@ def test_resume_config_changes_taken_or_refused_by_name(base_run, tmp_path, capl
   lines = [r.getMessage() for r in caplog.records if r.name == 'dictlearn.stage']
   assert 'resuming from step 20 with train.num_steps changed: 20 -> 40' in lines
   assert len(lines) == 4, lines
+  # A pipeline's harvest section is the harvest's to check (against harvest.json).
+  checks.check_resume_config(dict(saved, harvest={'batch_size': 8}), ml_collections.ConfigDict(
+      dict(saved, harvest={'batch_size': 4})), workdir=base_run, step=20, run_info=run_info)
   # The same store reached by another path is the same store.
   checks.check_resume_config(saved, tiny_config(**{'data.store': os.path.join(
       base_run, '..', 'base', 'data')}), workdir=base_run, step=20, run_info=run_info)

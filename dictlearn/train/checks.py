@@ -162,6 +162,8 @@ def check_resume_config(saved: dict, config: ml_collections.ConfigDict, *, workd
   for field in sorted(set(old) | set(new)):
     if field not in new or old.get(field) == new[field]:
       continue
+    if field.startswith('harvest.'):  # a pipeline's: the harvest checks it (harvest.json)
+      continue
     before, after = old.get(field, '(absent)'), new[field]
     if field not in old or field in RESUMABLE_FIELDS:
       logs.stage('resuming from step %d with %s changed: %r -> %r', step, field, before, after)
