@@ -7,7 +7,8 @@ Two kinds of command, one style each:
   `--config.a.b=v`; the module defines its flags and ends with
   `cli.run_config_command(main, doc=__doc__, log_dir=...)`.
 * small commands (`dictlearn.evals`, `.scaling`, `.fetch`, `tools/*`): argparse, through
-  `cli.ArgumentParser` and `cli.run_tool(main)`.
+  `cli.ArgumentParser` and `cli.run_tool(main)` (or, for a tool whose `main()` parses
+  its own flags and sets up its own logging, the benchmarks, `cli.run_main(main)`).
 
 Both behave the same way for a person at a terminal:
 
@@ -291,3 +292,13 @@ def run_tool(main: Callable[[argparse.Namespace], Optional[int]], parser: Argume
     print(f'error: {describe(e)}', file=sys.stderr)
     return 1
   return _run(lambda: main(args), log_path, args.verbose)
+
+
+def run_main(main: Callable[[], Optional[int]]) -> None:
+  """Runs a tool whose `main()` parses its own command line (with `ArgumentParser`) and
+  sets up its own logging: an exception is `error: ...` on one line (the traceback
+  with --verbose), exit status 1; exits with main's status otherwise.
+
+  Use as `cli.run_main(main)` under `if __name__ == '__main__':`.
+  """
+  sys.exit(_run(main, None, '--verbose' in sys.argv[1:]))

@@ -5,7 +5,7 @@ details, and `stage(...)` for the few lines a person running a command wants to
 see (what is starting, where its output goes). `setup` (called by the entry
 points in `dictlearn.cli`) routes them:
 
-    console   stage lines, dictlearn's warnings, anyone's errors (and, with
+    console   stage lines, dictlearn's warnings, anyone's errors but orbax's (and, with
               verbose=True, every INFO record with its logger and time)
     log file  every INFO record (ours, absl's, orbax's, JAX's), with times
 
@@ -35,7 +35,12 @@ class _ConsoleFilter(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
     if record.levelno >= logging.ERROR:
-      return True
+      # orbax logs what fails in its threads (a full disk: dozens of records, and
+      # asyncio's 'Task exception was never retrieved' for its tasks), then raises it to
+      # dictlearn, which reports it once: these records stay in the log file.
+      orbax = f'{os.sep}orbax{os.sep}'
+      return orbax not in (record.pathname or '') and not (
+          record.name == 'asyncio' and orbax in record.getMessage())
     if record.name == STAGE_LOGGER:
       return record.levelno >= logging.INFO
     return record.levelno >= logging.WARNING and (record.name == 'root'
@@ -67,6 +72,23 @@ class _ConsoleFormatter(logging.Formatter):
 def log_file_name(process: int = 0) -> str:
   """log.txt for process 0, log.<p>.txt for process p."""
   return LOG_FILE if not process else f'log.{process}.txt'
+
+
+class _LogFileHandler(logging.FileHandler):
+  """The log file; when it cannot be written (a full disk) it says so once on the
+  console and stops, instead of printing a traceback for every record."""
+
+  def handleError(self, record: logging.LogRecord) -> None:
+    if getattr(self, '_failed', False):
+      return
+    self._failed = True  # pylint: disable=attribute-defined-outside-init
+    error = sys.exc_info()[1]
+    print(f'warning: cannot write the log file {self.baseFilename} ({error}); '
+          'continuing without it', file=sys.stderr)
+
+  def emit(self, record: logging.LogRecord) -> None:
+    if not getattr(self, '_failed', False):
+      super().emit(record)
 
 
 def _remove_our_handlers(root: logging.Logger) -> None:
@@ -114,9 +136,12 @@ def setup(log_dir: Optional[str] = None, *, verbose: bool = False,
 
   path = None
   if log_dir and '://' not in log_dir:
+    if os.path.exists(log_dir) and not os.path.isdir(log_dir):
+      raise NotADirectoryError(f'{log_dir} is a file; expected a directory (for the '
+                               'command\'s output and its log.txt)')
     os.makedirs(log_dir, exist_ok=True)
     path = os.path.join(log_dir, log_file_name(process))
-    file_handler = logging.FileHandler(path, encoding='utf-8')
+    file_handler = _LogFileHandler(path, encoding='utf-8')
     file_handler.setFormatter(logging.Formatter(_FILE_FORMAT))
     setattr(file_handler, _HANDLER_MARK, True)
     root.addHandler(file_handler)

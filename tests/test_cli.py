@@ -59,7 +59,7 @@ def test_train_from_elsewhere_quiet_then_moved_workdir_resumes_and_evaluates(tmp
 @pytest.mark.parametrize('args,expect,message', [
     (['--config.sae.kk=3'], 2, "config.sae has no field 'kk'"),
     (['--bogus=1'], 2, 'Unknown command line flag'),
-    ([], 1, 'File exists'),
+    ([], 1, 'is a file; expected a directory'),
 ])
 def test_bad_command_lines_fail_on_one_line(tmp_path, args, expect, message):
   workdir = tmp_path / 'afile'

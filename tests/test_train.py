@@ -84,14 +84,22 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
 
 
 def test_checkpoint_of_another_architecture_is_refused_by_name(tmp_path):
-  train_and_evaluate(tiny_config(**{'train.num_steps': 5}), str(tmp_path))
-  saved = sorted(os.listdir(ckpt_lib.checkpoint_dir(str(tmp_path))))
+  run, new = str(tmp_path / 'run'), str(tmp_path / 'new')
+  train_and_evaluate(tiny_config(**{'train.num_steps': 5}), run)
+  saved = sorted(os.listdir(ckpt_lib.checkpoint_dir(run)))
+  # Resumed with another architecture: the config names the field, with both values.
+  with pytest.raises(ValueError, match="sae.architecture: the checkpoint has 'topk', the "
+                                       "command line 'batchtopk'"):
+    train_and_evaluate(tiny.get_config('batchtopk'), run)
+  # A new run from that checkpoint (init_from): its arrays are refused by name.
   other = tiny.get_config('batchtopk')
+  with other.unlocked():
+    other.train.init_from = ckpt_lib.checkpoint_dir(run)
   with pytest.raises(ValueError, match=r"buffers: expected \['selection_floor', 'threshold'\]"):
-    train_and_evaluate(other, str(tmp_path))
+    train_and_evaluate(other, new)
   # Nothing already written is lost: the checkpoint still restores as it was.
-  assert sorted(os.listdir(ckpt_lib.checkpoint_dir(str(tmp_path)))) == saved
-  assert int(final_state(tmp_path)['step']) == 5
+  assert sorted(os.listdir(ckpt_lib.checkpoint_dir(run))) == saved
+  assert int(final_state(run)['step']) == 5
 
 
 def test_sigterm_saves_and_resumes(tmp_path):
@@ -138,7 +146,7 @@ def test_d_model_mismatch_names_both(tmp_path):
 def test_nonfinite_loss_names_step_and_metric(tmp_path):
   train_and_evaluate(tiny_config(**{'train.num_steps': 10}), str(tmp_path), stop_at=5)
   before = ckpt_lib.latest_step(ckpt_lib.checkpoint_dir(str(tmp_path)))
-  bad = tiny_config(**{'train.num_steps': 10, 'optim.learning_rate': float('nan')})
+  bad = tiny_config(**{'train.num_steps': 10, 'optim.learning_rate': 1e30})
   with pytest.raises(NonFiniteError, match=r'at step \d+'):
     train_and_evaluate(bad, str(tmp_path))
   assert ckpt_lib.latest_step(ckpt_lib.checkpoint_dir(str(tmp_path))) == before == 5

@@ -31,6 +31,8 @@ import subprocess
 import sys
 import time
 
+from dictlearn import cli  # no jax: the parent process measures its children only
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = float(1 << 30)
 D_MODEL = 576
@@ -119,7 +121,7 @@ def available_gib():
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p = cli.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--dir', default='/work/bench_features', help='store and run directory')
   p.add_argument('--n_latents', type=int, default=1 << 20)
   p.add_argument('--store_tokens', type=int, default=1 << 20)
@@ -166,4 +168,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run_main(main)

@@ -15,7 +15,6 @@ the fairest peer of dictlearn's early stop. The two run alternately, `--rounds`
 times, and the ratios are per round (the machine may be shared) with their median.
 Prints figures; it is not a test.
 """
-import argparse
 import json
 import os
 import statistics
@@ -27,6 +26,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from dictlearn import cli
 from dictlearn import harvest as harvest_lib
 from dictlearn.lm import gguf
 from experiments import harvest_smollm2
@@ -100,7 +100,7 @@ def run_transformers(args, deep_layer):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = cli.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--batch', type=int, default=8, help='contexts per forward')
   parser.add_argument('--context', type=int, default=256, help='tokens per context')
   parser.add_argument('--batches', type=int, default=4, help='forward batches per timed harvest')
@@ -157,4 +157,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  cli.run_main(main)

@@ -13,7 +13,6 @@ Times (median of --repeats after a warm-up) on the default JAX device:
     a negative encoder bias) and densely.
 Prints tokens/s and the fraction of the ceiling. Not a test.
 """
-import argparse
 import os
 import statistics
 import time
@@ -22,6 +21,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from dictlearn import cli
 from dictlearn import sae as sae_lib
 from experiments import base as base_config
 
@@ -65,7 +65,7 @@ def _dense_topk_step(k):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = cli.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--d_model', type=int, default=576)
   parser.add_argument('--n_latents', type=int, default=16384)
   parser.add_argument('--batch', type=int, default=4096)
@@ -117,4 +117,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  cli.run_main(main)

@@ -9,7 +9,6 @@ a deep site (`blocks.24.hook_resid_post`). When `.peers/bin/python` exists
 `hf_forward.py BATCH SEQ` as a subprocess alternately with dictlearn, `--rounds`
 times, and prints the ratio of medians. Prints figures; it is not a test.
 """
-import argparse
 import os
 import re
 import statistics
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pydoc_data.topics
 
+from dictlearn import cli
 from dictlearn.lm import generate, gguf, llama
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,7 +67,7 @@ def run_transformers(batch, seq):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = cli.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--seq', type=int, default=256)
   parser.add_argument('--rounds', type=int, default=3, help='alternations with transformers')
@@ -129,4 +129,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  cli.run_main(main)

@@ -32,6 +32,8 @@ import subprocess
 import sys
 import time
 
+from dictlearn import cli  # no jax: the parent process measures its children only
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS = os.path.join(os.path.dirname(REPO), 'shared', 'bench', 'peers')
 GIB = float(1 << 30)
@@ -180,7 +182,7 @@ def peer_memory(python, script, argv) -> str:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p = cli.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--n_latents', type=int, default=1 << 20)
   p.add_argument('--d_model', type=int, default=576)
   p.add_argument('--batch', type=int, default=4096)
@@ -228,4 +230,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run_main(main)

@@ -11,13 +11,12 @@ error of the predictions at 2^18 and 2^20 latents (1e9 tokens), the mean delta
 chosen, and how often a random subset of 16 data sets ranks the default above
 delta = 1e-3 (what tests/test_scaling_fit.py checks on one seeded subset).
 """
-import argparse
 import math
-import sys
 import time
 
 import numpy as np
 
+from dictlearn import cli
 from dictlearn import scaling
 from dictlearn.scaling import laws
 
@@ -26,7 +25,7 @@ FAR = {'n_latents': np.array([2.0 ** 18, 2.0 ** 20]), 'tokens': np.array([1e9, 1
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = cli.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--trials', type=int, default=100)
   p.add_argument('--noise', type=float, default=0.01, help='log-normal noise of each point')
   p.add_argument('--outliers', type=float, default=0.0,
@@ -70,4 +69,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run_main(main)

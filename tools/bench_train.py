@@ -30,12 +30,10 @@ candidates per token (`sae.sparse_capacity`), exact with a dense fallback.
 `--loader` adds the loader's throughput from a zarr store and the share of
 step time spent waiting for data in a real training run.
 """
-import argparse
 import os
 import re
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -43,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dictlearn import cli
 from dictlearn import sharding as sharding_lib
 from dictlearn.sae import make_sae
 from dictlearn.sae.flops import model_flops_per_token
@@ -199,7 +198,7 @@ def bench_loader(d: int, batch: int, steps: int, window: int = 10) -> None:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description='SAE training-step throughput vs ceiling and peers')
+  p = cli.ArgumentParser(description='SAE training-step throughput vs ceiling and peers')
   p.add_argument('--shapes', nargs='+', default=['576x16384', '576x65536'])
   p.add_argument('--batch', type=int, default=4096)
   p.add_argument('--k', type=int, default=32)
@@ -268,4 +267,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run_main(main)

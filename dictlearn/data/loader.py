@@ -25,6 +25,8 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from dictlearn.data import store as store_lib
+
 _OUTPUT_DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat16)}
 
 
@@ -285,9 +287,12 @@ class Loader:
           raise RuntimeError(f'loader over store {self.reader.path}: the prefetch thread '
                              f'exited before producing step {self.step}') from None
     if isinstance(item, Exception):
-      self._failure = RuntimeError(f'loader over store {self.reader.path}: reading step {step} '
-                                   f'failed in the prefetch thread: {item!r}')
-      self._failure.__cause__ = item
+      if isinstance(item, (store_lib.StoreReadError, store_lib.NonFiniteRowsError)):
+        self._failure = item  # a damaged chunk, non-finite rows: named with store and rows
+      else:
+        self._failure = RuntimeError(f'loader over store {self.reader.path}: reading step {step} '
+                                     f'failed in the prefetch thread: {item!r}')
+        self._failure.__cause__ = item
       self.close()
       raise self._failure
     if step != self.step:  # an invariant of this class, not a user error

@@ -17,6 +17,15 @@ Growing arrays: the arrays are created with 0 rows and grown with TensorStore's
 leave every other zarr reader seeing a wrong shape; a resize is one small metadata
 write per flush.
 
+Integrity (writer version 2): every chunk is stored, even one equal to the fill
+value, and each chunk carries a crc32c, so a missing chunk file or a flipped byte
+is an error when read (`StoreReadError`, naming the store and the rows) instead
+of rows of zeros or wrong values. Readers refuse a missing activation chunk in
+older stores too (a real chunk of activations is never all zeros); reads of
+activations also refuse rows that are not finite (`NonFiniteRowsError`, naming
+them), which a store written elsewhere may hold. `verify_store` reads every
+chunk and checks it against the manifest (`tools/inspect_store.py --verify`).
+
 Commits: `append` buffers rows and writes whenever whole shards are complete, so a
 shard file is written once instead of rewritten by every small batch; `flush()`
 also writes a trailing partial shard. After each write the committed row count and
@@ -35,7 +44,9 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
-WRITER_VERSION = 1
+# 1: the first format. 2: every chunk stored (fill-valued ones too) and a crc32c
+# per chunk; readers of version-1 stores accept missing int chunks (see `_open_array`).
+WRITER_VERSION = 2
 FORMAT = 'dictlearn.activation_store'
 MANIFEST = 'manifest.json'
 PROGRESS = 'progress.json'
@@ -55,6 +66,14 @@ CONTEXT = ts.Context()
 class IncompleteStoreError(RuntimeError):
   """The store has no manifest.json: its writer has not finished."""
   user_error = True  # its message is the whole story (dictlearn.cli)
+
+
+class StoreReadError(OSError):
+  """Rows of a store cannot be read: a chunk is missing, truncated or fails its checksum."""
+
+
+class NonFiniteRowsError(ValueError):
+  """Rows of a store hold NaN or Inf."""
 
 
 # ---- paths ------------------------------------------------------------------
@@ -126,10 +145,14 @@ def _array_spec(base, name, shape, chunk_rows, shard_chunks, dtype):
   rows_codecs = [{'name': 'bytes', 'configuration': {'endian': 'little'}}]
   if len(shape) == 1:  # ids and positions compress well; activations barely do
     rows_codecs.append({'name': 'zstd', 'configuration': {'level': 3}})
+  rows_codecs.append({'name': 'crc32c'})  # a flipped byte fails the read (about 1 ms per 2 MiB)
   inner = [chunk_rows] + list(shape[1:])
   return {
       'driver': 'zarr3',
       'kvstore': _sub_spec(base, name),
+      # TensorStore skips writing a chunk equal to the fill value by default; then
+      # a missing chunk could not be told from a lost one.
+      'store_data_equal_to_fill_value': True,
       'metadata': {
           'shape': list(shape),
           'data_type': dtype,
@@ -145,8 +168,15 @@ def _array_spec(base, name, shape, chunk_rows, shard_chunks, dtype):
   }
 
 
-def _open_array(base, name):
-  spec = {'driver': 'zarr3', 'kvstore': _sub_spec(base, name)}
+def _open_array(base, name, *, writer_version=WRITER_VERSION):
+  """Opens one of the store's arrays; a read of a missing chunk is an error.
+
+  Version-1 writers left out chunks equal to the fill value (0): possible for the
+  int arrays (document 0, say), never in practice for a chunk of activations.
+  """
+  strict = name == ACTIVATIONS or writer_version >= 2
+  spec = {'driver': 'zarr3', 'kvstore': _sub_spec(base, name),
+          'fill_missing_data_reads': not strict, 'store_data_equal_to_fill_value': True}
   return ts.open(spec, open=True, context=CONTEXT).result()
 
 
@@ -168,6 +198,7 @@ def write_side_array(path, name, array):
     raise ValueError(f'store at {path}: side array name {name!r} is reserved for the store')
   array = np.ascontiguousarray(array)
   spec = {'driver': 'zarr3', 'kvstore': _sub_spec(kvstore_spec(path), name),
+          'store_data_equal_to_fill_value': True,
           'metadata': {'shape': list(array.shape), 'data_type': str(array.dtype),
                        'chunk_grid': {'name': 'regular',
                                       'configuration': {'chunk_shape': list(array.shape)}}}}
@@ -271,6 +302,7 @@ class StoreWriter:
       raise ValueError(f'store at {self.path}: chunk_rows and shard_chunks must be positive, '
                        f'got {self.chunk_rows} and {self.shard_chunks}')
     self._committed, self._stats = 0, _empty_stats(self.d_model)
+    self.writer_version = WRITER_VERSION
     self._arrays = {}
     for name, shape, dt in [(ACTIVATIONS, (0, self.d_model), self.dtype)] + [
         (n, (0,), 'int32') for n in INT_ARRAYS]:
@@ -294,12 +326,14 @@ class StoreWriter:
                       progress['metadata'])
     self.chunk_rows, self.shard_chunks = progress['chunk_rows'], progress['shard_chunks']
     self._committed, self._stats = progress['n_rows'], progress['stats']
-    self._arrays = {name: _open_array(self._base, name) for name in (ACTIVATIONS,) + INT_ARRAYS}
+    self.writer_version = progress['writer_version']  # a resumed store keeps its format
+    self._arrays = {name: _open_array(self._base, name, writer_version=self.writer_version)
+                    for name in (ACTIVATIONS,) + INT_ARRAYS}
     logging.info('store at %s: resuming after %d committed rows', self.path, self._committed)
 
   def _write_progress(self):
     _write_json(self._kv, PROGRESS, {
-        'format': FORMAT, 'writer_version': WRITER_VERSION, 'd_model': self.d_model,
+        'format': FORMAT, 'writer_version': self.writer_version, 'd_model': self.d_model,
         'dtype': self.dtype, 'chunk_rows': self.chunk_rows, 'shard_chunks': self.shard_chunks,
         'n_rows': self._committed, 'stats': self._stats, 'metadata': self._metadata})
 
@@ -397,7 +431,7 @@ class StoreWriter:
       # A killed writer may have grown the arrays past the committed rows.
       for name, a in list(self._arrays.items()):
         self._arrays[name] = a.resize(exclusive_max=[n] + [None] * (a.rank - 1)).result()
-    manifest = dict(self._metadata, format=FORMAT, writer_version=WRITER_VERSION,
+    manifest = dict(self._metadata, format=FORMAT, writer_version=self.writer_version,
                     d_model=self.d_model, dtype=self.dtype, n_tokens=n,
                     chunk_rows=self.chunk_rows, shard_chunks=self.shard_chunks,
                     statistics=_summary(self._stats))
@@ -667,7 +701,9 @@ class StoreReader:
     self.n_rows = info['n_tokens'] if self.complete else info['n_rows']
     if d_model is not None and int(d_model) != self.d_model:
       raise ValueError(f'store at {self.path} has d_model={self.d_model}, expected {d_model}')
-    self._arrays = {name: _open_array(self._base, name) for name in (ACTIVATIONS,) + INT_ARRAYS}
+    self.writer_version = info.get('writer_version', 1)
+    self._arrays = {name: _open_array(self._base, name, writer_version=self.writer_version)
+                    for name in (ACTIVATIONS,) + INT_ARRAYS}
 
   @property
   def n_chunks(self):
@@ -679,12 +715,18 @@ class StoreReader:
       raise IndexError(f'store at {self.path}: rows [{start}, {stop}) out of range [0, {self.n_rows})')
 
   def read_rows_async(self, start, stop):
-    """Starts reading activation rows [start, stop); returns a TensorStore future."""
+    """Starts reading activation rows [start, stop); `.result()` of what it returns is
+    the array, or raises `StoreReadError` / `NonFiniteRowsError` naming the rows."""
     self._check_range(start, stop)
-    return self._arrays[ACTIVATIONS][start:stop].read()
+    return _PendingRows(self, start, stop, self._arrays[ACTIVATIONS][start:stop].read())
 
   def read_rows(self, start, stop):
-    """Activation rows [start, stop) in the store dtype, [stop - start, d_model]."""
+    """Activation rows [start, stop) in the store dtype, [stop - start, d_model].
+
+    Raises:
+      StoreReadError: a chunk holding them is missing, truncated or corrupt.
+      NonFiniteRowsError: some of them hold NaN or Inf.
+    """
     return self.read_rows_async(start, stop).result()
 
   def read_indices(self, indices, max_chunks_at_once=64):
@@ -717,7 +759,7 @@ class StoreReader:
 
   def _read_int(self, name, start, stop):
     self._check_range(start, stop)
-    return self._arrays[name][start:stop].read().result()
+    return _read_or_raise(self.path, name, start, stop, self._arrays[name][start:stop].read())
 
   def read_tokens(self, start, stop):
     """Token ids of rows [start, stop) (int32; -1 where unknown)."""
@@ -731,6 +773,26 @@ class StoreReader:
     """Positions in document of rows [start, stop) (int32; -1 where unknown)."""
     return self._read_int('pos', start, stop)
 
+  def missing_shard_files(self):
+    """The shard files the rows need that are not stored (a cheap listing, no reads).
+
+    Returns:
+      [(key under the store, [first row, end row))]; empty for an intact layout (a
+      chunk missing inside a present file is found only by reading: `verify_store`).
+    """
+    shard_rows = self.chunk_rows * self.shard_chunks
+    missing = []
+    # Version-1 writers skipped int chunks of zeros: only their activations are always there.
+    for name in (ACTIVATIONS,) + (INT_ARRAYS if self.writer_version >= 2 else ()):
+      kv = ts.KvStore.open(_sub_spec(self._base, name), context=CONTEXT).result()
+      present = {key.decode() for key in kv.list().result()}
+      for i in range(-(-self.n_rows // shard_rows)):
+        key = f'c/{i}/0' if name == ACTIVATIONS else f'c/{i}'
+        if key not in present:
+          rows = [i * shard_rows, min((i + 1) * shard_rows, self.n_rows)]
+          missing.append((f'{name}/{key}', rows))
+    return missing
+
   def layout(self):
     """The arrays' chunking and codecs, for inspection."""
     act = self._arrays[ACTIVATIONS]
@@ -739,3 +801,120 @@ class StoreReader:
             'chunk_bytes': self.chunk_rows * self.d_model * DTYPES[self.dtype].itemsize,
             'array_shape': list(act.shape),
             'codecs': {name: a.codec.to_json() for name, a in self._arrays.items()}}
+
+
+# ---- integrity ------------------------------------------------------------------
+
+
+def _read_or_raise(path, name, start, stop, future):
+  """The result of a TensorStore read of rows [start, stop) of array `name`, or a
+  StoreReadError that names the store, the array and the rows."""
+  try:
+    return future.result()
+  except Exception as e:  # pylint: disable=broad-except  # TensorStore's status errors
+    cause = ' '.join(str(e).split())[:400]
+    raise StoreReadError(
+        f'store at {path}: {name} rows [{start}, {stop}) cannot be read: {cause}. The store '
+        f'is damaged (a chunk file missing, truncated or changed); `python tools/inspect_store.py '
+        f'{path} --verify` lists every bad chunk; harvest it again or restore it from a copy'
+    ) from e
+
+
+def finite_rows(x):
+  """Boolean [n]: which rows of a float32 or bfloat16 array [n, d] are all finite."""
+  if x.dtype == DTYPES['bfloat16']:  # numpy's isfinite is slow on ml_dtypes; test the exponent
+    return ((x.view(np.uint16) & 0x7F80) != 0x7F80).all(axis=1)
+  return np.isfinite(x).all(axis=1)
+
+
+def check_finite(path, x, first_row):
+  """Raises NonFiniteRowsError naming the rows of `x` (store rows from `first_row`) that
+  hold NaN or Inf."""
+  finite = finite_rows(x)
+  if finite.all():
+    return
+  bad = first_row + np.flatnonzero(~finite)
+  shown = ', '.join(str(r) for r in bad[:10]) + (', ...' if len(bad) > 10 else '')
+  raise NonFiniteRowsError(
+      f'store at {path}: {len(bad)} row(s) hold NaN or Inf: rows {shown} (of rows '
+      f'[{first_row}, {first_row + len(x)})). dictlearn\'s writer refuses such rows; this store '
+      'was written elsewhere or damaged: remove those rows or harvest it again')
+
+
+class _PendingRows:
+  """A read of activation rows in flight; `result()` returns them checked."""
+
+  def __init__(self, reader, start, stop, future):
+    self._reader, self._start, self._stop, self._future = reader, start, stop, future
+
+  def result(self):
+    data = _read_or_raise(self._reader.path, ACTIVATIONS, self._start, self._stop, self._future)
+    check_finite(self._reader.path, data, self._start)
+    return data
+
+
+def verify_store(path, progress=None):
+  """Reads every chunk of a store and checks it against the manifest.
+
+  Checks that each array has the manifest's row count, that every chunk is
+  present and readable (and passes its crc32c, in stores that have one), that
+  every activation row is finite, and that the statistics recomputed from all
+  rows equal those recorded in the manifest (which catches changed values in
+  stores without checksums).
+
+  Args:
+    path: store path or URL.
+    progress: optional callable(rows_done, n_rows), for a progress bar.
+
+  Returns:
+    {'path', 'n_rows', 'n_chunks', 'writer_version', 'bad_chunks': [{'array', 'rows',
+    'error'}], 'nonfinite_rows': [first 100], 'n_nonfinite_rows', 'statistics':
+    {'recorded', 'recomputed', 'match'} (None for an incomplete store), 'ok'}.
+
+  Raises:
+    FileNotFoundError / IncompleteStoreError: as `StoreReader` (an incomplete store
+      is verified up to its committed rows).
+  """
+  reader = StoreReader(path, allow_incomplete=True)
+  n, cr = reader.n_rows, reader.chunk_rows
+  report = {'path': reader.path, 'n_rows': n, 'n_chunks': reader.n_chunks,
+            'writer_version': reader.writer_version, 'complete': reader.complete,
+            'bad_chunks': [], 'nonfinite_rows': [], 'n_nonfinite_rows': 0}
+  arrays = reader._arrays  # pylint: disable=protected-access  # this module's own reader
+  for name, array in arrays.items():
+    if array.domain.exclusive_max[0] < n:
+      report['bad_chunks'].append({'array': name, 'rows': [array.domain.exclusive_max[0], n],
+                                   'error': f'the array holds {array.domain.exclusive_max[0]} '
+                                            f'rows, the manifest {n}'})
+  stats = _empty_stats(reader.d_model)
+  for c in range(reader.n_chunks):
+    start, stop = c * cr, min((c + 1) * cr, n)
+    for name in (ACTIVATIONS,) + INT_ARRAYS:
+      try:
+        data = _read_or_raise(reader.path, name, start, stop, arrays[name][start:stop].read())
+      except StoreReadError as e:
+        report['bad_chunks'].append({'array': name, 'rows': [start, stop],
+                                     'error': str(e.__cause__).split('\n')[0][:300]})
+        continue
+      if name == ACTIVATIONS:
+        finite = finite_rows(data)
+        bad = start + np.flatnonzero(~finite)
+        report['n_nonfinite_rows'] += len(bad)
+        room = 100 - len(report['nonfinite_rows'])
+        report['nonfinite_rows'].extend(int(r) for r in bad[:max(room, 0)])
+        stats = _add_stats(stats, data[finite])
+    if progress is not None:
+      progress(stop, n)
+  recorded = (reader.manifest or {}).get('statistics')
+  report['statistics'] = None
+  if recorded is not None and not report['bad_chunks'] and not report['n_nonfinite_rows']:
+    recomputed = _summary(stats)
+    keys = ('count', 'mean_sq_norm', 'mean_norm', 'norm_of_mean')
+    match = recomputed['count'] == recorded['count'] and all(
+        np.isclose(recomputed[k], recorded[k], rtol=1e-6, atol=1e-12) for k in keys[1:])
+    match = match and np.allclose(recomputed['mean'], recorded['mean'], rtol=1e-5, atol=1e-7)
+    report['statistics'] = {'recorded': {k: recorded[k] for k in keys},
+                            'recomputed': {k: recomputed[k] for k in keys}, 'match': bool(match)}
+  report['ok'] = (not report['bad_chunks'] and not report['n_nonfinite_rows']
+                  and (report['statistics'] is None or report['statistics']['match']))
+  return report

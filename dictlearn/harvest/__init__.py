@@ -99,33 +99,63 @@ def harvested_model_path(manifest):
   return resolve_model_path(extra['harvest']['model'])
 
 
+def _expect(ok, field, value, expected):
+  if not ok:
+    raise ValueError(f'config.{field}={value!r}: expected {expected}')
+
+
+def validate_config(config):
+  """Checks every harvest config field that needs no model, before anything is read
+  or written (`check_config` adds the checks against the model).
+
+  Raises:
+    ValueError: the field, its value and what was expected.
+    corpus_lib.CorpusError: a corpus spec naming no such file.
+  """
+  sites = tuple(config.sites)
+  _expect(sites and all(isinstance(s, str) and s for s in sites), 'sites', sites,
+          'a non-empty tuple of hook site names')
+  _expect(len(set(sites)) == len(sites), 'sites', sites, 'each site once (it lists a site twice)')
+  integer = lambda v: isinstance(v, int) and not isinstance(v, bool)
+  _expect(integer(config.context_length) and config.context_length >= 2, 'context_length',
+          config.context_length, 'an integer >= 2')
+  _expect(integer(config.batch_size) and config.batch_size >= 1, 'batch_size',
+          config.batch_size, 'an integer >= 1')
+  _expect(integer(config.token_budget) and (config.token_budget == -1 or config.token_budget >= 1),
+          'token_budget', config.token_budget, 'an integer >= 1, or -1 (the whole corpus)')
+  _expect(config.dtype in _MODEL_DTYPES, 'dtype', config.dtype, f'one of {sorted(_MODEL_DTYPES)}')
+  _expect(config.store_dtype in store_lib.DTYPES, 'store_dtype', config.store_dtype,
+          f'one of {sorted(store_lib.DTYPES)}')
+  _expect(integer(config.store_chunk_rows) and config.store_chunk_rows >= 0, 'store_chunk_rows',
+          config.store_chunk_rows, 'an integer >= 0 (0: about 2 MiB of rows)')
+  _expect(integer(config.store_shard_chunks) and config.store_shard_chunks >= 1,
+          'store_shard_chunks', config.store_shard_chunks, 'an integer >= 1')
+  _expect(isinstance(config.jsonl_field, str) and config.jsonl_field, 'jsonl_field',
+          config.jsonl_field, 'a non-empty field name')
+  parts = corpus_lib.parse_spec(config.corpus)  # names the part that is no file
+  if corpus_lib.GENERATED in parts:
+    g, n = config.generate, len(corpus_lib.GENERATION_PROMPTS)
+    _expect(g.n_prompts == -1 or 1 <= g.n_prompts <= n, 'generate.n_prompts', g.n_prompts,
+            f'-1 (all {n}) or 1..{n}')
+    _expect(g.max_new_tokens >= 1, 'generate.max_new_tokens', g.max_new_tokens, '>= 1')
+    _expect(g.temperature >= 0, 'generate.temperature', g.temperature, '>= 0 (0: greedy)')
+    _expect(0 < g.top_p <= 1, 'generate.top_p', g.top_p, 'a probability in (0, 1]')
+    _expect(g.batch_size >= 1, 'generate.batch_size', g.batch_size, '>= 1')
+
+
 def check_config(config, lm_cfg):
-  """Validates the harvest config against the model's config.
+  """Validates the harvest config, and against the model's config.
 
   Raises:
     ValueError: the field, what was expected and what was found.
   """
-  sites = tuple(config.sites)
-  if not sites or not all(isinstance(s, str) for s in sites):
-    raise ValueError(f'config.sites must be a non-empty tuple of site names, got {sites!r}')
-  if len(set(sites)) != len(sites):
-    raise ValueError(f'config.sites lists a site twice: {sites!r}')
-  for site in sites:
+  validate_config(config)
+  for site in tuple(config.sites):
     llama.parse_site(site, lm_cfg.n_layers)  # the message lists the valid sites
-  if not 2 <= config.context_length <= lm_cfg.context_length:
+  if config.context_length > lm_cfg.context_length:
     raise ValueError(f'config.context_length must be in [2, {lm_cfg.context_length}] (the '
                      f'context length of {lm_cfg.name or "the model"}), '
                      f'got {config.context_length}')
-  if config.batch_size < 1:
-    raise ValueError(f'config.batch_size must be >= 1, got {config.batch_size}')
-  if config.token_budget != -1 and config.token_budget < 1:
-    raise ValueError(f'config.token_budget must be >= 1 or -1 (the whole corpus), '
-                     f'got {config.token_budget}')
-  if config.dtype not in _MODEL_DTYPES:
-    raise ValueError(f'config.dtype must be one of {sorted(_MODEL_DTYPES)}, got {config.dtype!r}')
-  if config.store_dtype not in store_lib.DTYPES:
-    raise ValueError(f'config.store_dtype must be one of {sorted(store_lib.DTYPES)}, '
-                     f'got {config.store_dtype!r}')
 
 
 def _config_identity(config):
@@ -303,6 +333,7 @@ def harvest(config, out_dir, *, model=None):
   """
   out_dir = os.fspath(out_dir).rstrip('/')
   # ---- validate everything that can be, before writing anything ----
+  validate_config(config)
   model_path = resolve_model_path(config.model)
   lm_cfg = model[0] if model is not None else models_lib.load_config(model_path)
   check_config(config, lm_cfg)

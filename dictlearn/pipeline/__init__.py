@@ -16,6 +16,7 @@ from dictlearn import evals
 from dictlearn import harvest as harvest_lib
 from dictlearn import lm
 from dictlearn import logs
+from dictlearn.train import checks
 from dictlearn.train import trainer
 
 SUMMARY = 'summary.json'
@@ -30,6 +31,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if len(config.harvest.sites) != 1:
     raise ValueError(f'config.harvest.sites must name one site for the main job, got '
                      f'{tuple(config.harvest.sites)}')
+  # Every stage's config, checked before the first one starts.
+  harvest_lib.validate_config(config.harvest)
+  checks.validate_config(config)
   site = config.harvest.sites[0]
   model = lm.load_model(harvest_lib.resolve_model_path(config.harvest.model))
   activations, sae_dir = os.path.join(workdir, 'activations'), os.path.join(workdir, 'sae')

@@ -31,6 +31,7 @@ from dictlearn.sae import make_sae
 from dictlearn.sae.base import SparseAutoencoder
 from dictlearn.sae.evaluation import evaluate_reconstruction
 from dictlearn.train import checkpoint as ckpt_lib
+from dictlearn.train import checks
 from dictlearn.train import metrics as metrics_lib
 from dictlearn.train import schedules
 from dictlearn.train import state as state_lib
@@ -305,20 +306,26 @@ def open_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
   """Mesh, checkpoints, store and SAE of a run in `workdir` (new or resumed).
 
   A resumed run reads its store and normalisation from the latest checkpoint's
-  `run` item, so that it continues on exactly the data it started on.
+  `run` item, so that it continues on exactly the data it started on; its config
+  must agree with the checkpoint's (`checks.check_resume_config`). The store must
+  hold what the config asks of it (`checks.check_store_fits`).
   """
   mesh = run_mesh(config, workdir)
   check_batch(config, mesh)
   manager = ckpt_lib.make_manager(ckpt_lib.checkpoint_dir(workdir),
                                   keep=config.train.keep_checkpoints)
-  latest = manager.latest_step()
-  if latest is not None:
-    _, _, run_info = ckpt_lib.read_metadata(ckpt_lib.checkpoint_dir(workdir), latest)
+  newest = ckpt_lib.read_newest_metadata(manager)
+  latest = None
+  if newest is not None:
+    latest, saved_config, run_info = newest
+    checks.check_resume_config(saved_config, config, workdir=workdir, step=latest,
+                               run_info=run_info)
     store_path = ckpt_lib.recorded_store(run_info, workdir)
   else:
     run_info, store_path = None, resolve_store(config, workdir)
   reader = store_lib.StoreReader(store_path,
                                  d_model=config.data.d_model if config.data.d_model > 0 else None)
+  checks.check_store_fits(config, reader)
   if run_info is None:
     scale = loader_lib.normalization_scale(reader) if config.data.normalize else 1.0
     run_info = ckpt_lib.run_record(store_path, workdir, d_model=reader.d_model, data_scale=scale)
@@ -333,13 +340,14 @@ def open_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
 def initial_state(run: Run, config: ml_collections.ConfigDict) -> dict:
   """The latest checkpoint in the workdir, else `train.init_from`, else a fresh state
   (with b_dec at the geometric median of a sample of training rows)."""
-  if run.latest is not None:
-    state, _, _ = ckpt_lib.restore(run.manager, run.latest, run.abstract, run.shardings)
+  if run.latest is not None:  # the newest checkpoint that restores and verifies
+    _, state, _, _ = ckpt_lib.restore_latest_good(run.manager, run.abstract, run.shardings)
     return state
-  if config.train.init_from:
+  if config.train.init_from:  # another run's: fall back past damage, but move nothing there
     source = ckpt_lib.make_manager(config.train.init_from, read_only=True)
     try:
-      state, _, _ = ckpt_lib.restore(source, source.latest_step(), run.abstract, run.shardings)
+      _, state, _, _ = ckpt_lib.restore_latest_good(source, run.abstract, run.shardings,
+                                                    move_damaged=False)
     finally:
       source.close()
     return state
@@ -402,7 +410,7 @@ def _train_loop(run: Run, config: ml_collections.ConfigDict, state: dict, workdi
         if preempted or step == stop_at:
           out.update(preempted=preempted, stopped_at=step)
           break
-    run.manager.wait_until_finished()
+    ckpt_lib.wait_for_saves(run.manager)
   finally:
     progress.close()
   out['rows_read'] = loader.rows_read
@@ -431,7 +439,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_at: int | None = None) -> dict:
   """Trains an SAE as configured, checkpointing into `workdir`, and evaluates it.
 
-  Resumes from the latest checkpoint in `workdir` when there is one.
+  Resumes from the latest checkpoint in `workdir` when there is one. Checks the
+  whole config, the store and a resume's config before any work, and holds the
+  workdir's lock (`checks.WorkdirLock`) while it runs.
 
   Args:
     config: a config as made by `experiments/base.py`.
@@ -444,6 +454,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     A summary: final step, the last training metrics, the held-out evaluation,
     whether the run was preempted, and where its outputs are.
   """
+  checks.validate_config(config)
+  checks.prepare_workdir(workdir)
+  with checks.WorkdirLock(workdir):
+    return _run_locked(config, workdir, stop_at)
+
+
+def _run_locked(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None) -> dict:
+  """`train_and_evaluate` once the config is checked and the workdir locked."""
   run = open_run(config, workdir)  # refuses bad input before writing anything
   store_path = run.reader.path
   summary = {'workdir': os.path.abspath(workdir), 'store': store_path,
@@ -464,7 +482,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       writer.write(summary['step'], summary['eval'], prefix='eval')
   finally:
     writer.close()
-    run.manager.close()
+    ckpt_lib.close(run.manager)
   return summary
 
 
