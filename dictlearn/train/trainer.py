@@ -455,6 +455,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     whether the run was preempted, and where its outputs are.
   """
   checks.validate_config(config)
+  check_batch(config, run_mesh(config, workdir))  # before the workdir is touched
   checks.prepare_workdir(workdir)
   with checks.WorkdirLock(workdir):
     return _run_locked(config, workdir, stop_at)
