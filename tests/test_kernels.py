@@ -389,3 +389,72 @@ def test_zero_cotangent_skips_encoder_backward():
   for g, a in zip(grads, (x, w, b)):
     assert g.shape == a.shape
     np.testing.assert_array_equal(g, 0.0)
+
+
+# ---- TopK's fused reconstruction term ------------------------------------------
+
+
+@pytest.mark.parametrize('integer,tiles', [(False, False), (True, True)])
+def test_topk_mse_matches_dense(integer, tiles):
+  # Integer-valued inputs make ties common; with tiles, 4 tiles of 4 rows in
+  # steps of 2 rows, so that every loop and index of the fused pass is exercised.
+  n, k, aux_k = 128, 6, 8
+  x, w, b, w_dec, _ = _inputs(n, integer, seed=6)
+  b_dec = jax.random.normal(jax.random.key(8), (D,)) * (0.0 if integer else 0.3)
+  dead = jnp.arange(n) % 3 == 0
+  tuning = DEFAULT_TUNING
+  if tiles:
+    tuning = dataclasses.replace(DEFAULT_TUNING, tile_bytes=4 * 4 * n, min_tile_rows=1,
+                                 vectorize_max_elements=2 * k * D)
+    assert tile_rows(B, n, tuning) == 4
+  spec = sparse.EncoderSpec(k=k, aux_k=aux_k, tuning=tuning)
+
+  def fused(w, b, w_dec, b_dec):
+    term = sparse.topk_mse(x, w, b, w_dec, b_dec, spec, aux_mask=dead)
+    return term.mse, term
+
+  def dense(w, b, w_dec, b_dec):
+    x_in = x - b_dec
+    pre = x_in @ w + b
+    _, idx = lax.top_k(pre, k)
+    x_hat = (jax.nn.relu(pre) * _dense_mask(pre, idx)) @ w_dec + b_dec
+    _, aux_idx = lax.top_k(jnp.where(dead, pre, -jnp.inf), aux_k)
+    return jnp.sum((x - x_hat) ** 2) / B, (x_hat, jnp.take_along_axis(pre, idx, 1), idx, aux_idx)
+
+  grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True))
+  (l1, term), g1 = grad(fused)(w, b, w_dec, b_dec)
+  (l2, (x_hat, values, idx, aux_idx)), g2 = grad(dense)(w, b, w_dec, b_dec)
+  np.testing.assert_array_equal(term.latents, idx)
+  np.testing.assert_array_equal(term.aux.latents, aux_idx)
+  _close(term.values, values)
+  _close(term.x_hat, x_hat)
+  _close_all((l1, g1), (l2, g2))
+  # Without differentiation the same pass runs without the gradient.
+  _close(jax.jit(lambda: sparse.topk_mse(x, w, b, w_dec, b_dec, spec, aux_mask=dead).mse)(), l2)
+
+
+def test_batch_mse_matches_dense(row_ops):
+  # Flat triples of a batch selection, some of them unused (-inf), against the
+  # same term written densely; gradients wrt every parameter, b_dec both ways.
+  n, m = 64, 3
+  x, w, b, w_dec, _ = _inputs(n, False, seed=9)
+  b_dec = 0.3 * jax.random.normal(jax.random.key(10), (D,))
+  spec = sparse.EncoderSpec(k=6, batch_k_per_token=m, tuning=row_ops)
+  kept = sparse.encode_select(x - b_dec, w, b, spec)
+  kept = sparse.Kept(kept.values.at[0, 0].set(-jnp.inf), kept.latents, kept.tokens)
+  mask = jnp.zeros((B, n)).at[kept.tokens, kept.latents].add(
+      jnp.where(jnp.isfinite(kept.values), 1.0, 0.0))
+
+  def fused(w, b, w_dec, b_dec):
+    return sparse.batch_mse(x, w, b, w_dec, b_dec, kept, row_ops)
+
+  def dense(w, b, w_dec, b_dec):
+    pre = (x - b_dec) @ w + b
+    x_hat = (jax.nn.relu(pre) * mask) @ w_dec + b_dec
+    return jnp.sum((x - x_hat) ** 2) / B, x_hat
+
+  grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True))
+  (l1, x_hat1), g1 = grad(fused)(w, b, w_dec, b_dec)
+  (l2, x_hat2), g2 = grad(dense)(w, b, w_dec, b_dec)
+  _close(x_hat1, x_hat2)
+  _close_all((l1, g1), (l2, g2))

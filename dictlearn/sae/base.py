@@ -87,10 +87,15 @@ def geometric_median(points, steps=_GEOMETRIC_MEDIAN_STEPS):
 def reconstruction_metrics(x, x_hat):
   """Returns (mse: squared error summed over d, mean over batch; fvu)."""
   err = x - x_hat
-  sq = jnp.sum(err * err)
+  mse = jnp.sum(err * err) / x.shape[0]
+  return mse, fvu_of(x, mse)
+
+
+def fvu_of(x, mse):
+  """The fraction of x's batch variance that an error of `mse` (as above) leaves."""
   centred = x - jnp.mean(x, axis=0, keepdims=True)
   total_variance = jnp.sum(centred * centred)
-  return sq / x.shape[0], sq / jnp.maximum(total_variance, jnp.finfo(jnp.float32).tiny)
+  return mse * x.shape[0] / jnp.maximum(total_variance, jnp.finfo(jnp.float32).tiny)
 
 
 # ---------------------------------------------------------------------------
@@ -316,11 +321,11 @@ class CapacitySAE(SparseAutoencoder):
   """
 
   @abc.abstractmethod
-  def _dense_loss(self, params, x, coefficient) -> ForwardOutput:
-    """The training loss by the dense formulation."""
+  def _dense_loss(self, params, x, coefficient, dead_mask) -> ForwardOutput:
+    """The training loss by the dense formulation (dead_mask: [n] bool or None)."""
 
   @abc.abstractmethod
-  def _sparse_loss(self, params, x, selection, coefficient) -> ForwardOutput:
+  def _sparse_loss(self, params, x, selection, coefficient, dead_mask) -> ForwardOutput:
     """The training loss from a selection that holds every entry that matters."""
 
   @abc.abstractmethod
@@ -334,15 +339,16 @@ class CapacitySAE(SparseAutoencoder):
     An 'overflow' metric (1 when the batch ran the dense formulation) is added
     when sparse_capacity > 0.
     """
-    del buffers, dead_mask
+    del buffers
     x = x.astype(jnp.float32)
-    dense = as_value(lambda p: self._dense_loss(p, x, sparsity_coefficient))
+    dense = as_value(lambda p: self._dense_loss(p, x, sparsity_coefficient, dead_mask))
     if not self.cfg.sparse_capacity:
       (_, out), g = value_and_grads(dense, params, grads=grads)
       return out, g
     threshold, margin = self._selection_threshold(params)
     selection = self._select_positive(x, params['W_enc'], params['b_enc'], threshold, margin)
-    sparse_loss = as_value(lambda p: self._sparse_loss(p, x, selection, sparsity_coefficient))
+    sparse_loss = as_value(lambda p: self._sparse_loss(p, x, selection, sparsity_coefficient,
+                                                       dead_mask))
     (_, out), g = cond_value_and_grads(selection.overflow, dense, sparse_loss, params,
                                        grads=grads, remat_true=True)
     return out._replace(metrics=dict(out.metrics,

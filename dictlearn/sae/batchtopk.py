@@ -105,16 +105,17 @@ class BatchTopKSAE(topk.TopKSAE):
     return kept, exact, sparse.candidate_floor(candidates.values, total, floor, self.tuning)
 
   def _reconstruction_of(self, params, x, kept, aux):
-    """(mse, Reconstruction) from the kept (token, latent, value) triples."""
-    acts = jax.nn.relu(kept.values)
-    x_hat = self._sparse_decode(params, acts, kept.latents, kept.tokens)
-    mse, fvu = base.reconstruction_metrics(x, x_hat)
-    return mse, topk.Reconstruction(fvu, acts, kept.latents, x_hat, aux)
+    """(mse, Reconstruction) from the kept (token, latent, value) triples, selected
+    without gradient: decode, error and gradient fused (`sparse.batch_mse`)."""
+    mse, x_hat = sparse.batch_mse(x, params['W_enc'], params['b_enc'], params['W_dec'],
+                                  params['b_dec'], kept, self.tuning)
+    fvu = base.fvu_of(x, lax.stop_gradient(mse))
+    return mse, topk.Reconstruction(fvu, jax.nn.relu(kept.values), kept.latents, x_hat, aux)
 
   def _candidates_path(self, params, x, dead_mask):
     """(mse, Path) by per-token candidates (`sparse.encode_select` in batch mode)."""
-    enc = self._encode_sparse(params, x, dead_mask, k=self.cfg.sparse_capacity,
-                              batch_k_per_token=self.cfg.k)
+    enc = self._encode_sparse(lax.stop_gradient(params), x, dead_mask,
+                              k=self.cfg.sparse_capacity, batch_k_per_token=self.cfg.k)
     floor = jnp.zeros((), jnp.float32) if enc.candidate_floor is None else enc.candidate_floor
     mse, rec = self._reconstruction_of(params, x, sparse.Kept(enc.values, enc.latents, enc.tokens),
                                        enc.aux)
@@ -122,11 +123,8 @@ class BatchTopKSAE(topk.TopKSAE):
 
   def _floor_path(self, params, x, kept, floor):
     """(mse, Path) from the kept triples of `_floor_selection`, differentiable wrt params."""
-    x_in, b_enc = self.encoder_inputs(params, x)
-    values = sparse.with_encoder_vjp(kept, lax.stop_gradient(x_in), params['W_enc'], b_enc,
-                                     self.tuning)
     # No AuxK selection here: the path is taken only when the dense AuxK serves.
-    mse, rec = self._reconstruction_of(params, x, kept._replace(values=values),
+    mse, rec = self._reconstruction_of(params, x, kept,
                                        sparse.no_aux_selection(x.shape[0], self.cfg.aux_k))
     return mse, Path(rec, jnp.asarray(False), jnp.asarray(False), floor)
 

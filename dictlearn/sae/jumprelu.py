@@ -135,8 +135,9 @@ class JumpReLUSAE(base.CapacitySAE):
     }
     return base.ForwardOutput(mse + coefficient * l0, metrics, fired, {})
 
-  def _dense_loss(self, params, x, coefficient):
+  def _dense_loss(self, params, x, coefficient, dead_mask):
     """The loss by the dense formulation."""
+    del dead_mask
     pre = self._preacts(params, x)
     theta = jnp.broadcast_to(self.threshold(params), pre.shape)
     acts = jumprelu(pre, theta, self.bandwidth)
@@ -145,8 +146,9 @@ class JumpReLUSAE(base.CapacitySAE):
     fired = jnp.sum((pre > theta).astype(jnp.float32), axis=0)
     return self._output(params, x, x_hat, l0, fired, coefficient)
 
-  def _sparse_loss(self, params, x, selection, coefficient):
+  def _sparse_loss(self, params, x, selection, coefficient, dead_mask):
     """The loss from the selected entries (when the selection holds them all)."""
+    del dead_mask
     values = sparse.with_encoder_vjp(selection, x, params['W_enc'], params['b_enc'], self.tuning)
     latents = selection.latents
     theta = self.threshold(params)[latents]

@@ -48,16 +48,18 @@ class ReluL1SAE(base.CapacitySAE):
     metrics = {'mse': mse, 'fvu': fvu, 'l1': l1, 'l0': jnp.sum(fired) / x.shape[0]}
     return base.ForwardOutput(mse + coefficient * l1, metrics, fired, {})
 
-  def _dense_loss(self, params, x, coefficient):
+  def _dense_loss(self, params, x, coefficient, dead_mask):
     """The loss by the dense formulation."""
+    del dead_mask
     acts = jax.nn.relu(self._preacts(params, x))
     x_hat = self.decode(params, acts)
     l1 = jnp.sum(acts * _row_norms(params['W_dec'])) / x.shape[0]
     fired = jnp.sum((acts > 0).astype(jnp.float32), axis=0)
     return self._output(x, x_hat, l1, fired, coefficient)
 
-  def _sparse_loss(self, params, x, selection, coefficient):
+  def _sparse_loss(self, params, x, selection, coefficient, dead_mask):
     """The loss from the selected non-zeros (when the selection holds them all)."""
+    del dead_mask
     values = sparse.with_encoder_vjp(selection, x, params['W_enc'], params['b_enc'], self.tuning)
     acts = jax.nn.relu(values)
     latents = selection.latents

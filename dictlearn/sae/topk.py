@@ -242,7 +242,20 @@ class TopKSAE(base.SparseAutoencoder):
                                 aux_mask=dead_mask)
 
   def _reconstruction(self, params, x, dead_mask):
-    """(mse, Reconstruction): the main term, and what the rest of the loss needs."""
+    """(mse, Reconstruction): the main term, and what the rest of the loss needs.
+
+    With one encoder block, the whole term and its gradient run in one pass per
+    tile of rows (`sparse.topk_mse`); a blocked encoder selects first
+    (`sparse.encode_select`) and decodes after (`sparse.sparse_decode`).
+    """
+    if self.block_size in (0, self.n_latents):
+      spec = self._spec(k=self.cfg.k, aux_k=self.cfg.aux_k if dead_mask is not None else 0,
+                        aux_min_dead=aux_dense_cap(self))
+      term = sparse.topk_mse(x, params['W_enc'], params['b_enc'], params['W_dec'],
+                             params['b_dec'], spec, aux_mask=dead_mask)
+      rec = Reconstruction(base.fvu_of(x, lax.stop_gradient(term.mse)),
+                           jax.nn.relu(term.values), term.latents, term.x_hat, term.aux)
+      return term.mse, rec
     enc = self._encode_sparse(params, x, dead_mask)
     acts = jax.nn.relu(enc.values)
     x_hat = self._sparse_decode(params, acts, enc.latents)

@@ -18,6 +18,9 @@ hold a batch says so, so that the caller computes that batch densely.
     capacity    every positive entry as flat triples, up to a capacity
     batch       BatchTopK: from candidates, from a capacity selection, exhaustive
     encode      encode_select (custom VJP), encoder_grads, attach_encoder_vjp
+    fused       topk_mse: TopK's whole reconstruction term and its gradient,
+                one pass per tile of rows; batch_mse: the same for triples
+                selected beforehand (BatchTopK)
 
 Module dependencies point down this list.
 """
@@ -33,6 +36,9 @@ from dictlearn.sae.sparse.encode import attach_encoder_vjp
 from dictlearn.sae.sparse.encode import encode_select
 from dictlearn.sae.sparse.encode import encoder_grads
 from dictlearn.sae.sparse.encode import with_encoder_vjp
+from dictlearn.sae.sparse.fused import TopKTerm
+from dictlearn.sae.sparse.fused import batch_mse
+from dictlearn.sae.sparse.fused import topk_mse
 from dictlearn.sae.sparse.rank import score_near_rank
 from dictlearn.sae.sparse.rank import top_k_rows
 from dictlearn.sae.sparse.spec import AuxSelection
@@ -46,8 +52,8 @@ from dictlearn.sae.sparse.tuning import KernelTuning
 
 __all__ = [
     'AuxSelection', 'DEFAULT_TUNING', 'EncoderOutput', 'EncoderSpec', 'Kept', 'KernelTuning',
-    'Selection', 'attach_encoder_vjp', 'batch_top', 'candidate_floor', 'check_block_size',
-    'count_fired', 'densify', 'encode_select', 'encoder_grads', 'no_aux_selection',
-    'preactivations', 'score_near_rank', 'select_positive', 'sparse_decode', 'top_k_rows',
-    'with_encoder_vjp',
+    'Selection', 'TopKTerm', 'attach_encoder_vjp', 'batch_mse', 'batch_top', 'candidate_floor',
+    'check_block_size', 'count_fired', 'densify', 'encode_select', 'encoder_grads',
+    'no_aux_selection', 'preactivations', 'score_near_rank', 'select_positive', 'sparse_decode',
+    'top_k_rows', 'topk_mse', 'with_encoder_vjp',
 ]

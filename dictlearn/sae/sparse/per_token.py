@@ -44,7 +44,7 @@ def aux_select(pre, aux_mask, aux_k, tuning) -> AuxSelection:
   return AuxSelection(jnp.take_along_axis(pre, latents, axis=-1), latents)
 
 
-def _select_tile(x, W_enc, b_enc, threshold, aux_mask, spec):
+def select_tile(x, W_enc, b_enc, threshold, aux_mask, spec):
   """Per-token selections over one tile of rows and one block of latents.
 
   The bias, threshold and margin are applied inside the selection
@@ -77,7 +77,7 @@ def _select_tile(x, W_enc, b_enc, threshold, aux_mask, spec):
 
 
 def _select_row_tiles(x, W_enc, b_enc, threshold, aux_mask, spec):
-  """`_select_tile` over tiles of rows, so that [B, n] never exists whole.
+  """`select_tile` over tiles of rows, so that [B, n] never exists whole.
 
   Tile i holds rows i, i + T, i + 2T, ... (T tiles): x viewed as [rows, T, d]
   keeps any sharding of the batch on its leading axis, and the loop runs along
@@ -86,13 +86,13 @@ def _select_row_tiles(x, W_enc, b_enc, threshold, aux_mask, spec):
   batch, d = x.shape
   rows = tile_rows(batch, W_enc.shape[1], spec.tuning)
   if rows == batch:
-    return _select_tile(x, W_enc, b_enc, threshold, aux_mask, spec)
+    return select_tile(x, W_enc, b_enc, threshold, aux_mask, spec)
   tiles = batch // rows
   x3 = x.reshape(rows, tiles, d)
 
   def body(i, out):
     x_tile = lax.dynamic_index_in_dim(x3, i, axis=1, keepdims=False)
-    new = _select_tile(x_tile, W_enc, b_enc, threshold, aux_mask, spec)
+    new = select_tile(x_tile, W_enc, b_enc, threshold, aux_mask, spec)
     put = lambda buf, a: lax.dynamic_update_index_in_dim(buf, a, i, axis=1)
     return jax.tree.map(put, out, new)
 
