@@ -31,6 +31,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from dictlearn import distributed
+from dictlearn import host_memory
 from dictlearn import logs
 
 log = logging.getLogger(__name__)
@@ -229,6 +230,7 @@ def run_config_command(main: Callable[[list[str]], Optional[int]], *, doc: str,
     log_dir: called after parsing; the directory for log.txt (None for none).
     argv: the command line (default sys.argv).
   """
+  host_memory.keep_freed_memory()  # before JAX starts its threads
   argv = list(sys.argv if argv is None else argv)
   if any(a in ('-h', '--help', '--helpfull', '-?') for a in argv[1:]):
     print(_help_text(doc))
@@ -284,6 +286,7 @@ def run_tool(main: Callable[[argparse.Namespace], Optional[int]], parser: Argume
 
   Use as `sys.exit(cli.run_tool(main, parser))`.
   """
+  host_memory.keep_freed_memory()  # before JAX starts its threads
   args = parser.parse_args(argv)
   log_path = None
   try:
@@ -301,4 +304,5 @@ def run_main(main: Callable[[], Optional[int]]) -> None:
 
   Use as `cli.run_main(main)` under `if __name__ == '__main__':`.
   """
+  host_memory.keep_freed_memory()
   sys.exit(_run(main, None, '--verbose' in sys.argv[1:]))

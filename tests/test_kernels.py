@@ -1,4 +1,6 @@
 """Sparse kernels against the dense formulation: values and gradients, ties included."""
+import dataclasses
+
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -6,17 +8,20 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dictlearn.sae import kernels
+from dictlearn.sae import sparse
+from dictlearn.sae.sparse import rank
+from dictlearn.sae.sparse.tuning import DEFAULT_TUNING
+from dictlearn.sae.sparse.tuning import tile_rows
 
 B, D = 16, 8
+# Every row gather and scatter in loops of one row.
+LOOPS = dataclasses.replace(DEFAULT_TUNING, vectorize_max_elements=0)
 
 
 @pytest.fixture(params=['vectorized', 'loops'])
-def row_ops(request, monkeypatch):
-  """Runs a test with both forms of the sparse row gathers and scatters."""
-  if request.param == 'loops':
-    monkeypatch.setattr(kernels, '_VECTORIZE_MAX_ELEMENTS', 0)
-  return request.param
+def row_ops(request):
+  """The tuning of both forms of the sparse row gathers and scatters."""
+  return LOOPS if request.param == 'loops' else DEFAULT_TUNING
 
 
 def _close(a, b, tol=1e-5):
@@ -58,7 +63,7 @@ def _dense_mask(pre, latents, tokens=None):
 def test_top_k_rows_matches_lax_with_ties(n, k):
   scores = jax.random.randint(jax.random.key(n + k), (B, n), -3, 4).astype(jnp.float32)
   scores = scores.at[0].set(0.0).at[1, :].set(-jnp.inf).at[1, 7].set(1.0)
-  v1, i1 = kernels.top_k_rows(scores, k)
+  v1, i1 = sparse.top_k_rows(scores, k)
   v2, i2 = lax.top_k(scores, k)
   np.testing.assert_array_equal(i1, i2)
   np.testing.assert_array_equal(v1, v2)
@@ -67,11 +72,11 @@ def test_top_k_rows_matches_lax_with_ties(n, k):
 # ---- TopK encode + decode ---------------------------------------------------
 
 
-def _topk_pipeline_sparse(k, block_size=0):
+def _topk_pipeline_sparse(k, tuning):
   def f(x, w, b, w_dec, target):
-    values, idx = kernels.topk_encode(x, w, b, k, block_size=block_size)
-    y = kernels.topk_decode(jax.nn.relu(values), idx, w_dec)
-    return jnp.sum((y - target) ** 2), (values, idx)
+    out = sparse.encode_select(x, w, b, sparse.EncoderSpec(k=k, tuning=tuning))
+    y = sparse.sparse_decode(jax.nn.relu(out.values), out.latents, w_dec, tuning=tuning)
+    return jnp.sum((y - target) ** 2), (out.values, out.latents)
   return f
 
 
@@ -89,7 +94,7 @@ def _topk_pipeline_dense(k):
 def test_topk_sparse_matches_dense(n, k, integer, row_ops):
   args = _inputs(n, integer)
   grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True))
-  (l1, (v1, i1)), g1 = grad(_topk_pipeline_sparse(k))(*args)
+  (l1, (v1, i1)), g1 = grad(_topk_pipeline_sparse(k, row_ops))(*args)
   (l2, (v2, i2)), g2 = grad(_topk_pipeline_dense(k))(*args)
   np.testing.assert_array_equal(i1, i2)
   _close(v1, v2)
@@ -100,11 +105,11 @@ def test_blocked_encoder_equals_unblocked():
   n, k = 128, 6
   args = _inputs(n, True, seed=3)  # integer-valued: many ties
   dead = jnp.arange(n) % 3 == 0
-  specs = [kernels.EncoderSpec(k=k, aux_k=8, block_size=bs) for bs in (0, 32)]
+  specs = [sparse.EncoderSpec(k=k, aux_k=8, block_size=bs) for bs in (0, 32)]
 
   def f(spec):
     def loss(x, w, b):
-      out = kernels.encode_select(x, w, b, spec, aux_mask=dead)
+      out = sparse.encode_select(x, w, b, spec, aux_mask=dead)
       return jnp.sum(jnp.sin(out.values)) + jnp.sum(jnp.cos(out.aux_values)), out
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
@@ -122,8 +127,8 @@ def test_blocked_encoder_equals_unblocked():
 
 def test_aux_selection_skipped_without_dead_latents():
   x, w, b, _, _ = _inputs(64, False)
-  spec = kernels.EncoderSpec(k=4, aux_k=8)
-  out = kernels.encode_select(x, w, b, spec, aux_mask=jnp.zeros(64, bool))
+  spec = sparse.EncoderSpec(k=4, aux_k=8)
+  out = sparse.encode_select(x, w, b, spec, aux_mask=jnp.zeros(64, bool))
   assert out.aux_values.shape == (B, 8)
   np.testing.assert_array_equal(out.aux_values, 0.0)
 
@@ -140,11 +145,11 @@ def test_sparse_decode_with_tokens_matches_dense(row_ops):
     acts = jnp.zeros((B, n)).at[tokens, latents].add(values)
     return jnp.sum(jnp.tanh(acts @ w_dec))
 
-  def sparse(values, w_dec):
-    return jnp.sum(jnp.tanh(kernels.sparse_decode(values, latents, w_dec, tokens=tokens)))
+  def decoded(values, w_dec):
+    return jnp.sum(jnp.tanh(sparse.sparse_decode(values, latents, w_dec, tokens, row_ops)))
 
   (l1, g1), (l2, g2) = [jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(values, w_dec)
-                        for f in (sparse, dense)]
+                        for f in (decoded, dense)]
   _close_all((l1, g1), (l2, g2))
 
 
@@ -153,8 +158,9 @@ def test_sparse_decode_with_tokens_matches_dense(row_ops):
 
 def _batch_pipeline(spec):
   def f(x, w, b, w_dec, target):
-    out = kernels.encode_select(x, w, b, spec)
-    y = kernels.sparse_decode(jax.nn.relu(out.values), out.latents, w_dec, tokens=out.tokens)
+    out = sparse.encode_select(x, w, b, spec)
+    y = sparse.sparse_decode(jax.nn.relu(out.values), out.latents, w_dec, out.tokens,
+                             spec.tuning)
     return jnp.sum((y - target) ** 2), out
   return f
 
@@ -171,12 +177,12 @@ def _batch_pipeline_dense(k):
 
 @pytest.mark.parametrize('capacity,integer,block_size', [
     (0, False, 0), (6, False, 0), (6, True, 0), (3, False, 0), (6, True, 16)])
-def test_batch_selection_matches_dense(capacity, integer, block_size, monkeypatch):
-  if block_size:  # also covers the looped row ops with tokens
-    monkeypatch.setattr(kernels, '_VECTORIZE_MAX_ELEMENTS', 0)
+def test_batch_selection_matches_dense(capacity, integer, block_size):
   n, k = 64, 3
   args = _inputs(n, integer, seed=11)
-  spec = kernels.EncoderSpec(k=capacity, batch_k_per_token=k, block_size=block_size)
+  # Blocked: also covers the looped row ops with tokens.
+  spec = sparse.EncoderSpec(k=capacity, batch_k_per_token=k, block_size=block_size,
+                            tuning=LOOPS if block_size else DEFAULT_TUNING)
   grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True))
   (l1, out), g1 = grad(_batch_pipeline(spec))(*args)
   (l2, mask), g2 = grad(_batch_pipeline_dense(k))(*args)
@@ -196,8 +202,8 @@ def test_batch_selection_overflow_flag():
   n, k = 64, 2
   x, w, b, _, _ = _inputs(n, False)
   x = x.at[0].set(100.0 * jnp.sign(w.sum(1)))
-  spec = kernels.EncoderSpec(k=8, batch_k_per_token=k)
-  out = kernels.encode_select(x, w, b, spec)
+  spec = sparse.EncoderSpec(k=8, batch_k_per_token=k)
+  out = sparse.encode_select(x, w, b, spec)
   assert bool(out.overflow)
   assert int(jnp.sum(out.tokens == 0)) > 8
 
@@ -213,9 +219,9 @@ def test_sharded_matches_unsharded():
   put = lambda a, *spec: jax.device_put(a, NamedSharding(mesh, P(*spec)))
 
   def loss(x, w, b, w_dec, target):
-    out = kernels.encode_select(x, w, b, kernels.EncoderSpec(k=k, aux_k=6), aux_mask=dead)
-    y = kernels.sparse_decode(jax.nn.relu(out.values), out.latents, w_dec)
-    e = kernels.sparse_decode(jax.nn.relu(out.aux_values), out.aux_latents, w_dec)
+    out = sparse.encode_select(x, w, b, sparse.EncoderSpec(k=k, aux_k=6), aux_mask=dead)
+    y = sparse.sparse_decode(jax.nn.relu(out.values), out.latents, w_dec)
+    e = sparse.sparse_decode(jax.nn.relu(out.aux_values), out.aux_latents, w_dec)
     return jnp.sum((y - target) ** 2) + jnp.sum(e ** 2)
 
   f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
@@ -229,10 +235,10 @@ def test_sharded_matches_unsharded():
 
 def test_bfloat16_matmul_close_to_float32():
   x, w, b, _, _ = _inputs(64, False)
-  spec32 = kernels.EncoderSpec(k=4)
-  spec16 = kernels.EncoderSpec(k=4, dtype='bfloat16')
-  o32 = kernels.encode_select(x, w, b, spec32)
-  o16 = kernels.encode_select(x, w, b, spec16)
+  spec32 = sparse.EncoderSpec(k=4)
+  spec16 = sparse.EncoderSpec(k=4, dtype='bfloat16')
+  o32 = sparse.encode_select(x, w, b, spec32)
+  o16 = sparse.encode_select(x, w, b, spec16)
   assert o16.values.dtype == jnp.float32
   pre16 = jnp.dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16),
                   preferred_element_type=jnp.float32) + b
@@ -247,7 +253,7 @@ def test_aux_selection_among_few_dead_latents(n_dead):
   n, aux_k = 128, 8
   x, w, b, _, _ = _inputs(n, True, seed=2)
   dead = jnp.zeros(n, bool).at[jnp.arange(n_dead) * 9 + 3].set(True)
-  out = kernels.encode_select(x, w, b, kernels.EncoderSpec(k=4, aux_k=aux_k), aux_mask=dead)
+  out = sparse.encode_select(x, w, b, sparse.EncoderSpec(k=4, aux_k=aux_k), aux_mask=dead)
   pre = x @ w + b
   ref_values, ref = lax.top_k(jnp.where(dead, pre, -jnp.inf), aux_k)
   np.testing.assert_array_equal(out.aux_latents, ref)
@@ -259,11 +265,11 @@ def test_aux_selection_skipped_with_few_dead_latents():
   x, w, b, _, _ = _inputs(64, False)
   dead = jnp.arange(64) < 6
   for block_size in (0, 16):
-    spec = kernels.EncoderSpec(k=4, aux_k=4, aux_min_dead=6, block_size=block_size)
-    out = kernels.encode_select(x, w, b, spec, aux_mask=dead)
+    spec = sparse.EncoderSpec(k=4, aux_k=4, aux_min_dead=6, block_size=block_size)
+    out = sparse.encode_select(x, w, b, spec, aux_mask=dead)
     np.testing.assert_array_equal(out.aux_values, 0.0)
-    spec = kernels.EncoderSpec(k=4, aux_k=4, aux_min_dead=5, block_size=block_size)
-    out = kernels.encode_select(x, w, b, spec, aux_mask=dead)
+    spec = sparse.EncoderSpec(k=4, aux_k=4, aux_min_dead=5, block_size=block_size)
+    out = sparse.encode_select(x, w, b, spec, aux_mask=dead)
     assert bool(jnp.all(dead[out.aux_latents]))
 
 
@@ -279,8 +285,8 @@ def test_top_k_rows_bounds_keep_ties_and_infinities(n, k):
   scores = scores.at[0].set(2.0).at[1].set(-jnp.inf).at[2, :].set(-jnp.inf)
   scores = scores.at[2, 5].set(1.0).at[2, n - 1].set(3.0)
   scores = scores.at[3].set(jax.random.normal(jax.random.key(1), (n,)))
-  assert kernels._group_size(n, k)  # the two-stage path runs
-  v1, i1 = jax.jit(lambda s: kernels.top_k_rows(s, k))(scores)
+  assert rank.group_size(n, k)  # the two-stage path runs
+  v1, i1 = jax.jit(lambda s: sparse.top_k_rows(s, k))(scores)
   v2, i2 = lax.top_k(scores, k)
   np.testing.assert_array_equal(i1, i2)
   np.testing.assert_array_equal(v1, v2)
@@ -289,10 +295,10 @@ def test_top_k_rows_bounds_keep_ties_and_infinities(n, k):
 def test_kth_largest_key_matches_sort():
   values = jax.random.randint(jax.random.key(0), (64, 40), -5, 6).astype(jnp.float32)
   values = values.at[0, 0].set(-0.0).at[1, 1].set(jnp.inf).at[2, 2].set(-jnp.inf)
-  keys = kernels._sortable_keys(values)
+  keys = rank.sortable_keys(values)
   flat = np.sort(np.asarray(keys).ravel())[::-1]
   for count in (1, 7, 100, 2559, 2560):
-    assert int(kernels._kth_largest_key(keys, count)) == flat[count - 1]
+    assert int(rank.kth_largest_key(keys, count)) == flat[count - 1]
   # The keys order the values.
   order = np.argsort(np.asarray(keys).ravel(), kind='stable')
   assert np.all(np.diff(np.asarray(values).ravel()[order]) >= 0)
@@ -300,35 +306,35 @@ def test_kth_largest_key_matches_sort():
 
 def _encoder_pipeline(spec, dead, threshold=None):
   def loss(x, w, b, w_dec):
-    out = kernels.encode_select(x, w, b, spec, aux_mask=dead, threshold=threshold)
-    y = kernels.sparse_decode(jax.nn.relu(out.values), out.latents, w_dec, tokens=out.tokens)
+    out = sparse.encode_select(x, w, b, spec, aux_mask=dead, threshold=threshold)
+    y = sparse.sparse_decode(jax.nn.relu(out.values), out.latents, w_dec, out.tokens,
+                             spec.tuning)
     total = jnp.sum(jnp.sin(y))
     if spec.aux_k:
-      total += jnp.sum(jnp.cos(kernels.sparse_decode(out.aux_values, out.aux_latents, w_dec)))
+      total += jnp.sum(jnp.cos(sparse.sparse_decode(out.aux_values, out.aux_latents, w_dec,
+                                                    tuning=spec.tuning)))
     return total, out
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
 
 
 @pytest.mark.parametrize('block_size,collect', [(0, True), (32, True), (32, False)])
-def test_row_tiles_and_block_merges_match_one_pass(block_size, collect, monkeypatch):
+def test_row_tiles_and_block_merges_match_one_pass(block_size, collect):
   n, k, aux_k = 128, 6, 8
   x, w, b, w_dec, _ = _inputs(n, True, seed=4)  # integer-valued: many ties
   dead = jnp.arange(n) % 3 == 0
   threshold = jnp.where(jnp.arange(n) % 2 == 0, 0.5, -0.5)
-  spec = kernels.EncoderSpec(k=k, aux_k=aux_k, block_size=0)
+  spec = sparse.EncoderSpec(k=k, aux_k=aux_k, block_size=0)
   want = _encoder_pipeline(spec, dead)(x, w, b, w_dec)
-  want_thr = _encoder_pipeline(kernels.EncoderSpec(k=k, margin=0.25), None, threshold)(
+  want_thr = _encoder_pipeline(sparse.EncoderSpec(k=k, margin=0.25), None, threshold)(
       x, w, b, w_dec)
   # Tiles of 4 rows (16 rows in all); blocks merged one by one when not collected.
-  monkeypatch.setattr(kernels, '_TILE_BYTES', 4 * 4 * 32)
-  monkeypatch.setattr(kernels, '_MIN_TILE_ROWS', 1)
-  if not collect:
-    monkeypatch.setattr(kernels, '_MAX_COLLECTED', 0)
-  assert kernels._tile_rows(B, block_size or n) < B
-  spec = kernels.EncoderSpec(k=k, aux_k=aux_k, block_size=block_size)
+  tuning = dataclasses.replace(DEFAULT_TUNING, tile_bytes=4 * 4 * 32, min_tile_rows=1,
+                               max_collected=DEFAULT_TUNING.max_collected if collect else 0)
+  assert tile_rows(B, block_size or n, tuning) < B
+  spec = sparse.EncoderSpec(k=k, aux_k=aux_k, block_size=block_size, tuning=tuning)
   got = _encoder_pipeline(spec, dead)(x, w, b, w_dec)
-  got_thr = _encoder_pipeline(kernels.EncoderSpec(k=k, margin=0.25, block_size=block_size),
-                              None, threshold)(x, w, b, w_dec)
+  got_thr = _encoder_pipeline(sparse.EncoderSpec(k=k, margin=0.25, block_size=block_size,
+                                                 tuning=tuning), None, threshold)(x, w, b, w_dec)
   for ((l1, o1), g1), ((l2, o2), g2) in ((want, got), (want_thr, got_thr)):
     np.testing.assert_array_equal(o1.latents, o2.latents)
     np.testing.assert_array_equal(o1.aux_latents, o2.aux_latents)
@@ -338,13 +344,12 @@ def test_row_tiles_and_block_merges_match_one_pass(block_size, collect, monkeypa
 
 
 @pytest.mark.parametrize('integer', [False, True])
-def test_batch_selection_with_row_tiles_matches_dense(integer, monkeypatch):
-  monkeypatch.setattr(kernels, '_TILE_BYTES', 4 * 4 * 64)
-  monkeypatch.setattr(kernels, '_MIN_TILE_ROWS', 1)
-  monkeypatch.setattr(kernels, '_VECTORIZE_MAX_ELEMENTS', 3 * 6 * D)  # 3-row steps
+def test_batch_selection_with_row_tiles_matches_dense(integer):
+  tuning = dataclasses.replace(DEFAULT_TUNING, tile_bytes=4 * 4 * 64, min_tile_rows=1,
+                               vectorize_max_elements=3 * 6 * D)  # 3-row steps
   n, k = 64, 3
   args = _inputs(n, integer, seed=12)
-  spec = kernels.EncoderSpec(k=6, batch_k_per_token=k)
+  spec = sparse.EncoderSpec(k=6, batch_k_per_token=k, tuning=tuning)
   grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True))
   (l1, out), g1 = grad(_batch_pipeline(spec))(*args)
   (l2, mask), g2 = grad(_batch_pipeline_dense(k))(*args)
@@ -356,31 +361,100 @@ def test_batch_selection_with_row_tiles_matches_dense(integer, monkeypatch):
   _close_all((l1, g1), (l2, g2))
 
 
-@pytest.mark.parametrize('size,rank', [(1 << 20, 1000), (1 << 20, 300000), (4096, 100)])
-def test_score_near_rank(size, rank):
+@pytest.mark.parametrize('size,want', [(1 << 20, 1000), (1 << 20, 300000), (4096, 100)])
+def test_score_near_rank(size, want):
   scores = jax.random.normal(jax.random.key(3), (size,))
-  got = float(kernels.score_near_rank(scores.reshape(64, -1), rank))
+  got = float(sparse.score_near_rank(scores.reshape(64, -1), want))
   # Its rank among all the scores is off by the sampling error, about
   # sqrt(rank * stride) (exact when nothing is skipped).
-  stride = max(1, size // kernels._RANK_SAMPLE) | 1
+  stride = rank.sample_stride(size)
   got_rank = int(jnp.sum(scores > got))
-  assert abs(got_rank - rank) <= 4 * (rank * stride) ** 0.5 * (stride > 1), (got_rank, rank)
+  assert abs(got_rank - want) <= 4 * (want * stride) ** 0.5 * (stride > 1), (got_rank, want)
 
 
 def test_candidate_floor_keeps_the_previous_floor_when_short():
   scores = jnp.array([5.0, 4.0, 3.0, -jnp.inf])
   # Rank 2 * 3 is past every score: the smallest sample (-inf) loses to the floor.
-  assert float(kernels.candidate_floor(scores, 3, floor=2.5)) == 2.5
-  assert float(kernels.candidate_floor(scores, 1)) == 3.0  # rank 2
-  assert float(kernels.candidate_floor(-scores, 1)) == 0.0  # never below 0
+  assert float(sparse.candidate_floor(scores, 3, floor=2.5)) == 2.5
+  assert float(sparse.candidate_floor(scores, 1)) == 3.0  # rank 2
+  assert float(sparse.candidate_floor(-scores, 1)) == 0.0  # never below 0
 
 
 def test_zero_cotangent_skips_encoder_backward():
   # The ReLU SAEs' dense fallback gives the selection a zero cotangent.
   x, w, b, _, _ = _inputs(64, False)
-  spec = kernels.EncoderSpec(k=4)
-  grads = jax.grad(lambda x, w, b: 0.0 * jnp.sum(kernels.encode_select(x, w, b, spec).values),
+  spec = sparse.EncoderSpec(k=4)
+  grads = jax.grad(lambda x, w, b: 0.0 * jnp.sum(sparse.encode_select(x, w, b, spec).values),
                    argnums=(0, 1, 2))(x, w, b)
   for g, a in zip(grads, (x, w, b)):
     assert g.shape == a.shape
     np.testing.assert_array_equal(g, 0.0)
+
+
+# ---- TopK's fused reconstruction term ------------------------------------------
+
+
+@pytest.mark.parametrize('integer,tiles', [(False, False), (True, True)])
+def test_topk_mse_matches_dense(integer, tiles):
+  # Integer-valued inputs make ties common; with tiles, 4 tiles of 4 rows in
+  # steps of 2 rows, so that every loop and index of the fused pass is exercised.
+  n, k, aux_k = 128, 6, 8
+  x, w, b, w_dec, _ = _inputs(n, integer, seed=6)
+  b_dec = jax.random.normal(jax.random.key(8), (D,)) * (0.0 if integer else 0.3)
+  dead = jnp.arange(n) % 3 == 0
+  tuning = DEFAULT_TUNING
+  if tiles:
+    tuning = dataclasses.replace(DEFAULT_TUNING, tile_bytes=4 * 4 * n, min_tile_rows=1,
+                                 vectorize_max_elements=2 * k * D)
+    assert tile_rows(B, n, tuning) == 4
+  spec = sparse.EncoderSpec(k=k, aux_k=aux_k, tuning=tuning)
+
+  def fused(w, b, w_dec, b_dec):
+    term = sparse.topk_mse(x, w, b, w_dec, b_dec, spec, aux_mask=dead)
+    return term.mse, term
+
+  def dense(w, b, w_dec, b_dec):
+    x_in = x - b_dec
+    pre = x_in @ w + b
+    _, idx = lax.top_k(pre, k)
+    x_hat = (jax.nn.relu(pre) * _dense_mask(pre, idx)) @ w_dec + b_dec
+    _, aux_idx = lax.top_k(jnp.where(dead, pre, -jnp.inf), aux_k)
+    return jnp.sum((x - x_hat) ** 2) / B, (x_hat, jnp.take_along_axis(pre, idx, 1), idx, aux_idx)
+
+  grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True))
+  (l1, term), g1 = grad(fused)(w, b, w_dec, b_dec)
+  (l2, (x_hat, values, idx, aux_idx)), g2 = grad(dense)(w, b, w_dec, b_dec)
+  np.testing.assert_array_equal(term.latents, idx)
+  np.testing.assert_array_equal(term.aux.latents, aux_idx)
+  _close(term.values, values)
+  _close(term.x_hat, x_hat)
+  _close_all((l1, g1), (l2, g2))
+  # Without differentiation the same pass runs without the gradient.
+  _close(jax.jit(lambda: sparse.topk_mse(x, w, b, w_dec, b_dec, spec, aux_mask=dead).mse)(), l2)
+
+
+def test_batch_mse_matches_dense(row_ops):
+  # Flat triples of a batch selection, some of them unused (-inf), against the
+  # same term written densely; gradients wrt every parameter, b_dec both ways.
+  n, m = 64, 3
+  x, w, b, w_dec, _ = _inputs(n, False, seed=9)
+  b_dec = 0.3 * jax.random.normal(jax.random.key(10), (D,))
+  spec = sparse.EncoderSpec(k=6, batch_k_per_token=m, tuning=row_ops)
+  kept = sparse.encode_select(x - b_dec, w, b, spec)
+  kept = sparse.Kept(kept.values.at[0, 0].set(-jnp.inf), kept.latents, kept.tokens)
+  mask = jnp.zeros((B, n)).at[kept.tokens, kept.latents].add(
+      jnp.where(jnp.isfinite(kept.values), 1.0, 0.0))
+
+  def fused(w, b, w_dec, b_dec):
+    return sparse.batch_mse(x, w, b, w_dec, b_dec, kept, row_ops)
+
+  def dense(w, b, w_dec, b_dec):
+    pre = (x - b_dec) @ w + b
+    x_hat = (jax.nn.relu(pre) * mask) @ w_dec + b_dec
+    return jnp.sum((x - x_hat) ** 2) / B, x_hat
+
+  grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True))
+  (l1, x_hat1), g1 = grad(fused)(w, b, w_dec, b_dec)
+  (l2, x_hat2), g2 = grad(dense)(w, b, w_dec, b_dec)
+  _close(x_hat1, x_hat2)
+  _close_all((l1, g1), (l2, g2))

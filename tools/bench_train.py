@@ -2,7 +2,8 @@
 
     python tools/bench_train.py [--shapes 576x16384 576x65536] [--batch 4096] [--k 32]
                                 [--arch topk batchtopk relu_l1 jumprelu] [--rounds 3]
-                                [--peers .peers/bin/python] [--loader]
+                                [--dtype float32|bfloat16] [--peers .peers/bin/python]
+                                [--loader]
 
 For each architecture and shape: the median time of the whole jitted train step
 (forward, loss, backward, gradient processing, Adam, decoder renormalisation,
@@ -26,6 +27,11 @@ as in the first steps of a run) and `L0~k` (the encoder bias set so that each
 latent fires on a fraction k / n of this batch's tokens, as in a trained SAE).
 The peers' steps do not depend on the state. batchtopk runs with k * 4
 candidates per token (`sae.sparse_capacity`), exact with a dense fallback.
+
+`--dtype bfloat16` sets `sae.dtype`: the encoder and decoder products take
+bfloat16 inputs (float32 accumulation; parameters and optimizer state stay
+float32), and the ceiling is the same product in bfloat16. The peers' scripts
+run in float32, so they are left out of a bfloat16 run.
 
 `--loader` adds the loader's throughput from a zarr store and the share of
 step time spent waiting for data in a real training run.
@@ -55,10 +61,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS = os.path.join(os.path.dirname(REPO), 'shared', 'bench', 'peers')
 
 
-def bench_config(arch: str, n_latents: int, batch: int, k: int, steps: int):
+def bench_config(arch: str, n_latents: int, batch: int, k: int, steps: int,
+                 dtype: str = 'float32'):
   c = base.get_config()
   c.unlock()
   c.sae.architecture, c.sae.n_latents, c.sae.k = arch, n_latents, k
+  c.sae.dtype = dtype
   c.sae.aux_k = 512
   c.sae.sparsity_coefficient = 1.0
   # relu/jumprelu: slots per token on average for the non-zeros; batchtopk:
@@ -70,9 +78,10 @@ def bench_config(arch: str, n_latents: int, batch: int, k: int, steps: int):
   return c
 
 
-def make_step_runner(arch: str, d: int, n: int, batch: int, k: int, regime: str):
+def make_step_runner(arch: str, d: int, n: int, batch: int, k: int, regime: str,
+                     dtype: str = 'float32'):
   """A callable timing `repeats` full training steps (median seconds); compiled once."""
-  config = bench_config(arch, n, batch, k, steps=1000)
+  config = bench_config(arch, n, batch, k, steps=1000, dtype=dtype)
   mesh = sharding_lib.make_mesh(config.mesh.shape, config.mesh.axis_names)
   rules = config.mesh.logical_axis_rules
   sae = make_sae(config.sae, d)
@@ -105,11 +114,12 @@ def make_step_runner(arch: str, d: int, n: int, batch: int, k: int, regime: str)
   return run
 
 
-def time_ceiling(d: int, n: int, batch: int, repeats: int) -> float:
-  """Median seconds of the encoder matmul alone: the dense [batch, n] product."""
-  x = jax.random.normal(jax.random.key(0), (batch, d))
-  w = jax.random.normal(jax.random.key(1), (d, n)) / np.sqrt(d)
-  matmul = jax.jit(lambda a, b: a @ b)
+def time_ceiling(d: int, n: int, batch: int, repeats: int, dtype: str = 'float32') -> float:
+  """Median seconds of the encoder matmul alone: the dense [batch, n] product, inputs in
+  `dtype` (cast beforehand), float32 accumulation and result as in the SAE."""
+  x = jax.random.normal(jax.random.key(0), (batch, d)).astype(dtype)
+  w = (jax.random.normal(jax.random.key(1), (d, n)) / np.sqrt(d)).astype(dtype)
+  matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
   jax.block_until_ready(matmul(x, w))
   times = []
   for _ in range(repeats):
@@ -205,22 +215,26 @@ def main(argv=None) -> int:
   p.add_argument('--arch', nargs='+', default=['topk', 'batchtopk', 'relu_l1', 'jumprelu'])
   p.add_argument('--rounds', type=int, default=3, help='alternations with the peers')
   p.add_argument('--repeats', type=int, default=3, help='timed steps per round')
+  p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'],
+                 help='sae.dtype: the input dtype of the encoder and decoder products')
   p.add_argument('--peers', default=os.path.join(REPO, '.peers', 'bin', 'python'))
   p.add_argument('--no-peers', action='store_true')
   p.add_argument('--loader', action='store_true', help='also benchmark the loader')
   args = p.parse_args(argv)
-  use_peers = not args.no_peers and os.path.exists(args.peers)
-  print(f'devices: {jax.devices()}; batch {args.batch}, k {args.k}; {args.rounds} rounds of '
-        f'{args.repeats} steps; peers: {args.peers if use_peers else "none"}', flush=True)
-  peak = throughput.peak_flops(jax.devices()[:1], 'float32')
+  use_peers = not args.no_peers and os.path.exists(args.peers) and args.dtype == 'float32'
+  print(f'devices: {jax.devices()}; batch {args.batch}, k {args.k}, sae.dtype {args.dtype}; '
+        f'{args.rounds} rounds of {args.repeats} steps; '
+        f'peers: {args.peers if use_peers else "none"}', flush=True)
+  peak = throughput.peak_flops(jax.devices()[:1], args.dtype)
   how = 'measured by a 1024x1024 matmul' if jax.devices()[0].platform == 'cpu' else 'table'
-  print(f'peak: {peak / 1e9:,.1f} GFLOP/s float32 for {jax.devices()[0].device_kind} ({how}); '
+  print(f'peak: {peak / 1e9:,.1f} GFLOP/s {args.dtype} for {jax.devices()[0].device_kind} ({how}); '
         f'load average {" ".join(f"{v:.2f}" for v in os.getloadavg())}',
         flush=True)
   rows = []
   for shape in args.shapes:
     d, n = (int(v) for v in shape.split('x'))
-    runners = {(arch, regime): make_step_runner(arch, d, n, args.batch, args.k, regime)
+    runners = {(arch, regime): make_step_runner(arch, d, n, args.batch, args.k, regime,
+                                                args.dtype)
                for arch in args.arch for regime in regimes_of(arch)}
     # Each peer runs once a round, shared by the architectures it is compared with.
     peer_jobs = {}
@@ -229,7 +243,7 @@ def main(argv=None) -> int:
         peer_jobs[label] = (script, peer_args)
     ceilings, ours, peers, extra = [], {key: [] for key in runners}, {}, {}
     for r in range(args.rounds):
-      ceilings.append(time_ceiling(d, n, args.batch, args.repeats))
+      ceilings.append(time_ceiling(d, n, args.batch, args.repeats, args.dtype))
       for key, run in runners.items():
         seconds, metrics = run(args.repeats)
         ours[key].append(seconds)

@@ -8,7 +8,7 @@ block of latents at a time, each block consumed as soon as it exists:
     jumprelu    a = pre * 1[pre > exp(log_threshold)]
     batchtopk   a = pre * 1[pre > max(threshold, 0)],  pre = (x - b_dec) @ W_enc + b_enc
     topk        a = ReLU of the per-token top-k of (x - b_dec) @ W_enc + b_enc, selected over
-                every latent first (`kernels.encode_select`, blocked), then densified
+                every latent first (`sparse.encode_select`, blocked), then densified
                 block by block
 
 (the semantics of each architecture's `encode`; tests/test_features.py checks
@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
 from dictlearn import sharding as sharding_lib
-from dictlearn.sae import kernels
+from dictlearn.sae import sparse
 from dictlearn.sae.jumprelu import JumpReLUSAE
 
 # Histogram bins over activations a > 0: bin 0 is (0, 2^LOW); bin j in
@@ -136,9 +136,9 @@ def encoder_input(encoder, arrays, x):
 
 def _selection(encoder, arrays, x_in, offset, n_shards):
   """TopK: the per-token top-k over every latent, global ids; (relu values, latents)."""
-  spec = kernels.EncoderSpec(k=encoder.top_k, block_size=encoder.select_block,
-                             dtype=encoder.dtype)
-  out = kernels.encode_select(x_in, arrays['W_enc'], arrays['b_enc'], spec)
+  spec = sparse.EncoderSpec(k=encoder.top_k, block_size=encoder.select_block,
+                            dtype=encoder.dtype)
+  out = sparse.encode_select(x_in, arrays['W_enc'], arrays['b_enc'], spec)
   values, latents = out.values, out.latents + offset
   if n_shards > 1:  # shards in order: equal values keep the lower latent, as lax.top_k does
     values = lax.all_gather(values, 'model', axis=1, tiled=True)
@@ -158,8 +158,8 @@ def _block_acts(encoder, arrays, x_in, selection, start, size, offset):
     return jnp.zeros((values.shape[0], size), jnp.float32).at[rows, local].add(
         values, mode='drop')
   cut = lambda a, axis: lax.dynamic_slice_in_dim(a, start, size, axis=axis)
-  pre = kernels.preactivations(x_in, cut(arrays['W_enc'], 1), cut(arrays['b_enc'], 0),
-                               encoder.dtype)
+  pre = sparse.preactivations(x_in, cut(arrays['W_enc'], 1), cut(arrays['b_enc'], 0),
+                              encoder.dtype)
   return jnp.where(pre > cut(arrays['theta'], 0), pre, 0.0)
 
 
@@ -219,7 +219,7 @@ def _update_block(state, acts, valid, first_row, start, size, offset):
   rows = first_row + jnp.arange(batch, dtype=jnp.int32)
   acts_t = acts.T  # [size, B]
   top_n = state['top_values'].shape[1]
-  values, pos = kernels.top_k_rows(jnp.where(acts_t > 0, acts_t, -1.0), min(top_n, batch))
+  values, pos = sparse.top_k_rows(jnp.where(acts_t > 0, acts_t, -1.0), min(top_n, batch))
   new_rows = jnp.where(values > 0, rows[pos], -1)
   merged = _merge_top((get('top_values'), get('top_rows')), (values, new_rows), top_n)
   out['top_values'], out['top_rows'] = put('top_values', merged[0]), put('top_rows', merged[1])
@@ -227,7 +227,7 @@ def _update_block(state, acts, valid, first_row, start, size, offset):
   n_samples = state['sample_scores'].shape[1]
   latents = offset + start + jnp.arange(size, dtype=jnp.int32)
   scores = jnp.where(acts_t > 0, sample_score(rows[None, :], latents[:, None]), -1.0)
-  scores, pos = kernels.top_k_rows(scores, min(n_samples, batch))
+  scores, pos = sparse.top_k_rows(scores, min(n_samples, batch))
   new = (scores, jnp.take_along_axis(acts_t, pos, axis=-1), jnp.where(scores > 0, rows[pos], -1))
   merged = _merge_top((get('sample_scores'), get('sample_values'), get('sample_rows')), new,
                       n_samples)
@@ -386,7 +386,7 @@ def top_features(encoder, arrays, x, n_top, block_size):
 
   def body(i, run):
     acts = _block_acts(encoder, arrays, x_in, None, i * block, block, 0)
-    values, latents = kernels.top_k_rows(acts, n_top_block)
+    values, latents = sparse.top_k_rows(acts, n_top_block)
     return _merge_top(run, (values, latents + i * block), n_top)
 
   init = (jnp.full((batch, n_top), -1.0), jnp.full((batch, n_top), -1, jnp.int32))

@@ -4,10 +4,12 @@
     params, buffers = sae.init(key)
     out = sae.forward(params, buffers, x, sparsity_coefficient=c, dead_mask=dead)
 
-`kernels` holds the sparse encode/decode with custom VJPs they all use.
+`sparse` holds the sparse paths they all take (top-k and capacity selection,
+row gathers and scatters, the sparse decoder and the encoder's custom VJP).
 """
 import ml_collections
 
+from dictlearn.sae import sparse
 from dictlearn.sae.base import ForwardOutput
 from dictlearn.sae.base import SparseAutoencoder
 from dictlearn.sae.batchtopk import BatchTopKSAE
@@ -23,12 +25,14 @@ ARCHITECTURES = {
 }
 
 
-def make_sae(sae_config: ml_collections.ConfigDict, d_model: int) -> SparseAutoencoder:
+def make_sae(sae_config: ml_collections.ConfigDict, d_model: int,
+             tuning: sparse.KernelTuning = sparse.DEFAULT_TUNING) -> SparseAutoencoder:
   """Builds the SAE named by `sae_config.architecture`.
 
   Args:
     sae_config: the `sae` section of the config.
     d_model: activation width.
+    tuning: tile and loop sizes of the sparse kernels (results do not depend on it).
 
   Returns:
     A SparseAutoencoder.
@@ -40,7 +44,7 @@ def make_sae(sae_config: ml_collections.ConfigDict, d_model: int) -> SparseAutoe
   name = sae_config.architecture
   if name not in ARCHITECTURES:
     raise ValueError(f'sae.architecture={name!r} is not one of {sorted(ARCHITECTURES)}')
-  return ARCHITECTURES[name](sae_config, d_model)
+  return ARCHITECTURES[name](sae_config, d_model, tuning)
 
 
 __all__ = ['ARCHITECTURES', 'BatchTopKSAE', 'ForwardOutput', 'JumpReLUSAE', 'ReluL1SAE',

@@ -17,8 +17,7 @@ from jax import lax
 import jax.numpy as jnp
 import ml_collections
 
-from dictlearn.sae import capacity as capacity_lib
-from dictlearn.sae import kernels
+from dictlearn.sae import sparse
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -88,39 +87,78 @@ def geometric_median(points, steps=_GEOMETRIC_MEDIAN_STEPS):
 def reconstruction_metrics(x, x_hat):
   """Returns (mse: squared error summed over d, mean over batch; fvu)."""
   err = x - x_hat
-  sq = jnp.sum(err * err)
+  mse = jnp.sum(err * err) / x.shape[0]
+  return mse, fvu_of(x, mse)
+
+
+def fvu_of(x, mse):
+  """The fraction of x's batch variance that an error of `mse` (as above) leaves."""
   centred = x - jnp.mean(x, axis=0, keepdims=True)
   total_variance = jnp.sum(centred * centred)
-  return sq / x.shape[0], sq / jnp.maximum(total_variance, jnp.finfo(jnp.float32).tiny)
+  return mse * x.shape[0] / jnp.maximum(total_variance, jnp.finfo(jnp.float32).tiny)
 
 
-def with_grads(loss):
-  """params -> (loss(params), its gradient) for a `loss` that returns a ForwardOutput."""
+# ---------------------------------------------------------------------------
+# Each loss written once: evaluated forward-only or with its gradient
+# ---------------------------------------------------------------------------
+#
+# An architecture writes its loss once, as functions params -> (value, aux), and
+# these evaluate them either way: `forward` (the value; an outer jax.grad may
+# still differentiate it) and `loss_and_grads` (the trainer's path, where each
+# branch taken at run time is differentiated on its own).
+
+
+def as_value(loss):
+  """A loss returning a ForwardOutput, as params -> (out.loss, out)."""
   def run(params):
-    def value(p):
-      out = loss(p)
-      return out.loss, out
-    (_, out), grads = jax.value_and_grad(value, has_aux=True)(params)
-    return out, grads
+    out = loss(params)
+    return out.loss, out
   return run
+
+
+def value_and_grads(fn, params, *, grads):
+  """((value, aux), gradient of value wrt params, or None unless `grads`) for
+  fn(params) -> (value, aux)."""
+  if grads:
+    return jax.value_and_grad(fn, has_aux=True)(params)
+  return fn(params), None
+
+
+def cond_value_and_grads(pred, true_fn, false_fn, params, *, grads, remat_true=False):
+  """`value_and_grads` of lax.cond(pred, true_fn, false_fn, params).
+
+  With grads, each branch is differentiated inside its own side of the cond, so
+  that no branch's residuals cross it and nothing is recomputed. Without,
+  `remat_true` rematerialises true_fn, so that under an outer jax.grad it
+  saves only its operands (a dense fallback would otherwise save its [B, n]
+  residuals, as zeros when the other branch runs).
+  """
+  if grads:
+    differentiated = lambda f: lambda p: jax.value_and_grad(f, has_aux=True)(p)
+    return lax.cond(pred, differentiated(true_fn), differentiated(false_fn), params)
+  return lax.cond(pred, jax.checkpoint(true_fn) if remat_true else true_fn, false_fn,
+                  params), None
 
 
 class SparseAutoencoder(abc.ABC):
   """Base class of the SAE architectures.
 
-  Subclasses set `name`, `unit_norm_decoder`, and implement `init`, `forward`
-  and `encode`. Reads the `sae` config section directly; nothing has defaults.
+  Subclasses set `name`, `unit_norm_decoder`, and implement `init`, `loss` and
+  `encode`. Reads the `sae` config section directly; nothing has defaults.
+  `tuning` sizes the sparse kernels' tiles and loops (results do not depend on it).
   """
   name: str = ''
   # Decoder rows kept at unit norm by process_grads / process_params.
   unit_norm_decoder: bool = False
 
-  def __init__(self, cfg: ml_collections.ConfigDict, d_model: int):
+  def __init__(self, cfg: ml_collections.ConfigDict, d_model: int,
+               tuning: sparse.KernelTuning = sparse.DEFAULT_TUNING):
     if d_model < 1:
       raise ValueError(f'd_model must be positive, got {d_model}')
     if cfg.n_latents < 1:
       raise ValueError(f'sae.n_latents must be positive, got {cfg.n_latents}')
     self.cfg = cfg
+    self.tuning = tuning
     self.d_model = int(d_model)
     self.n_latents = int(cfg.n_latents)
     self.dtype = parse_dtype(cfg.dtype, 'sae.dtype')
@@ -167,21 +205,33 @@ class SparseAutoencoder(abc.ABC):
   # ---- forward -------------------------------------------------------------
 
   @abc.abstractmethod
+  def loss(self, params, buffers, x, *, sparsity_coefficient, dead_mask,
+           grads: bool) -> tuple[ForwardOutput, dict | None]:
+    """The training loss on x [B, d_model], written once for both uses.
+
+    Args:
+      params, buffers: the SAE's state.
+      x: [B, d_model] batch.
+      sparsity_coefficient: the scheduled penalty coefficient (ReLU family).
+      dead_mask: [n_latents] bool, latents counted dead (AuxK), or None.
+      grads: also return the gradient wrt params (the architecture may fuse
+        its backward, and differentiates each branch taken at run time on its
+        own: see `cond_value_and_grads`).
+
+    Returns:
+      (ForwardOutput, gradient dict or None without grads).
+    """
+
   def forward(self, params, buffers, x, *, sparsity_coefficient, dead_mask) -> ForwardOutput:
-    """Training forward pass on x [B, d_model]; see ForwardOutput."""
+    """Training forward pass on x [B, d_model]; see ForwardOutput (differentiable)."""
+    return self.loss(params, buffers, x, sparsity_coefficient=sparsity_coefficient,
+                     dead_mask=dead_mask, grads=False)[0]
 
   def loss_and_grads(self, params, buffers, x, *, sparsity_coefficient,
                      dead_mask) -> tuple[ForwardOutput, dict]:
-    """The training loss of `forward` and its gradient wrt params: (out, grads).
-
-    The trainer calls this. Architectures whose forward branches at run time
-    (a sparse path with a dense fallback) override it so that each branch is
-    differentiated on its own: then no branch's residuals cross the branch and
-    nothing is recomputed in the backward pass.
-    """
-    return with_grads(lambda p: self.forward(p, buffers, x,
-                                              sparsity_coefficient=sparsity_coefficient,
-                                              dead_mask=dead_mask))(params)
+    """The training loss and its gradient wrt params: (out, grads). The trainer calls this."""
+    return self.loss(params, buffers, x, sparsity_coefficient=sparsity_coefficient,
+                     dead_mask=dead_mask, grads=True)
 
   @abc.abstractmethod
   def encode(self, params, buffers, x) -> jax.Array:
@@ -199,7 +249,7 @@ class SparseAutoencoder(abc.ABC):
 
   def _preacts(self, params, x):
     """Dense pre-activations x @ W_enc + b_enc in float32 (matmul in self.dtype)."""
-    return kernels.preactivations(x, params['W_enc'], params['b_enc'], self.dtype)
+    return sparse.preactivations(x, params['W_enc'], params['b_enc'], self.dtype)
 
   # ---- updates around the optimizer -----------------------------------------
 
@@ -218,16 +268,21 @@ class SparseAutoencoder(abc.ABC):
   # ---- shared pieces -------------------------------------------------------
 
   def _spec(self, **fields):
-    return kernels.EncoderSpec(block_size=self.block_size,
-                               dtype=jnp.dtype(self.dtype).name, **fields)
+    return sparse.EncoderSpec(block_size=self.block_size, dtype=jnp.dtype(self.dtype).name,
+                              tuning=self.tuning, **fields)
 
-  def _select_positive(self, params, x_in, threshold=None, margin=0.0):
+  def _select_positive(self, x_in, W_enc, b_enc, threshold=None, margin=0.0):
     """The capacity selection of `sparse_capacity` slots per token (no gradient)."""
     stop = lax.stop_gradient
-    return capacity_lib.select_positive(
-        stop(x_in), stop(params['W_enc']), stop(params['b_enc']), self.cfg.sparse_capacity,
+    return sparse.select_positive(
+        stop(x_in), stop(W_enc), stop(b_enc), self.cfg.sparse_capacity,
         threshold=None if threshold is None else stop(threshold), margin=margin,
-        block_size=self.block_size, dtype=jnp.dtype(self.dtype).name)
+        block_size=self.block_size, dtype=jnp.dtype(self.dtype).name, tuning=self.tuning)
+
+  def _sparse_decode(self, params, acts, latents, tokens=None):
+    """sum of acts * W_dec rows at the entries, plus b_dec: [B, d_model] float32."""
+    y = sparse.sparse_decode(acts, latents, params['W_dec'], tokens, self.tuning)
+    return y + params['b_dec'].astype(jnp.float32)
 
   def _threshold_reconstruct(self, params, x_in, threshold, act_fn):
     """Inference reconstruction of a threshold activation, sparse when it fits.
@@ -240,38 +295,37 @@ class SparseAutoencoder(abc.ABC):
 
     Returns:
       [B, d] float32. With sparse_capacity > 0, follows the active latents
-      sparsely (`capacity.select_positive`) and falls back to the dense decode
+      sparsely (`sparse.select_positive`) and falls back to the dense decode
       for batches that overflow it (so the result is always exact).
     """
     dense = lambda: self.decode(params, act_fn(self._preacts(params, x_in)))
     if not self.cfg.sparse_capacity:
       return dense()
-    sel = self._select_positive(params, x_in, threshold)
+    sel = self._select_positive(x_in, params['W_enc'], params['b_enc'], threshold)
 
-    def sparse():
+    def sparse_path():
       acts = jnp.where(sel.values > threshold[sel.latents], sel.values, 0.0)
-      y = kernels.sparse_decode(acts, sel.latents, params['W_dec'], tokens=sel.tokens)
-      return y + params['b_dec'].astype(jnp.float32)
+      return self._sparse_decode(params, acts, sel.latents, sel.tokens)
 
-    return lax.cond(sel.overflow, dense, sparse)
+    return lax.cond(sel.overflow, dense, sparse_path)
 
 
 class CapacitySAE(SparseAutoencoder):
   """An SAE whose activation has a variable number of non-zeros (the ReLU family).
 
   With `sparse_capacity` > 0, training follows the entries that matter through
-  a capacity selection (`capacity.select_positive`) and the sparse kernels, and
+  a capacity selection (`sparse.select_positive`) and the sparse kernels, and
   computes a batch that overflows the capacity by the dense formulation, so
   results are always exact. Subclasses implement `_dense_loss`, `_sparse_loss`
   and `_selection_threshold`.
   """
 
   @abc.abstractmethod
-  def _dense_loss(self, params, x, coefficient) -> ForwardOutput:
-    """The training loss by the dense formulation."""
+  def _dense_loss(self, params, x, coefficient, dead_mask) -> ForwardOutput:
+    """The training loss by the dense formulation (dead_mask: [n] bool or None)."""
 
   @abc.abstractmethod
-  def _sparse_loss(self, params, x, selection, coefficient) -> ForwardOutput:
+  def _sparse_loss(self, params, x, selection, coefficient, dead_mask) -> ForwardOutput:
     """The training loss from a selection that holds every entry that matters."""
 
   @abc.abstractmethod
@@ -279,39 +333,26 @@ class CapacitySAE(SparseAutoencoder):
     """(threshold [n] or None, margin): the entries with (pre - threshold) + margin > 0
     are the ones the sparse path must follow."""
 
-  def _branches(self, params, x, coefficient, *, grads):
+  def loss(self, params, buffers, x, *, sparsity_coefficient, dead_mask, grads):
     """`_sparse_loss` when the capacity selection holds the batch, else `_dense_loss`.
 
-    Both return a ForwardOutput; an 'overflow' metric (1 when the batch ran the
-    dense formulation) is added. With grads=True, returns (out, grads) with each
-    branch differentiated on its own; otherwise out, with the dense branch
-    rematerialised so that it saves no [B, n] residual for the (usual) sparse
-    branch to carry as zeros.
+    An 'overflow' metric (1 when the batch ran the dense formulation) is added
+    when sparse_capacity > 0.
     """
-    threshold, margin = self._selection_threshold(params)
-    selection = self._select_positive(params, x, threshold, margin)
-    dense = lambda p: self._dense_loss(p, x, coefficient)
-    sparse = lambda p: self._sparse_loss(p, x, selection, coefficient)
-    if grads:
-      out, g = lax.cond(selection.overflow, with_grads(dense), with_grads(sparse), params)
-    else:
-      out = lax.cond(selection.overflow, jax.checkpoint(dense), sparse, params)
-    out = out._replace(metrics=dict(out.metrics,
-                                    overflow=selection.overflow.astype(jnp.float32)))
-    return (out, g) if grads else out
-
-  def forward(self, params, buffers, x, *, sparsity_coefficient, dead_mask):
-    del buffers, dead_mask
+    del buffers
     x = x.astype(jnp.float32)
+    dense = as_value(lambda p: self._dense_loss(p, x, sparsity_coefficient, dead_mask))
     if not self.cfg.sparse_capacity:
-      return self._dense_loss(params, x, sparsity_coefficient)
-    return self._branches(params, x, sparsity_coefficient, grads=False)
-
-  def loss_and_grads(self, params, buffers, x, *, sparsity_coefficient, dead_mask):
-    if not self.cfg.sparse_capacity:
-      return super().loss_and_grads(params, buffers, x, sparsity_coefficient=sparsity_coefficient,
-                                    dead_mask=dead_mask)
-    return self._branches(params, x.astype(jnp.float32), sparsity_coefficient, grads=True)
+      (_, out), g = value_and_grads(dense, params, grads=grads)
+      return out, g
+    threshold, margin = self._selection_threshold(params)
+    selection = self._select_positive(x, params['W_enc'], params['b_enc'], threshold, margin)
+    sparse_loss = as_value(lambda p: self._sparse_loss(p, x, selection, sparsity_coefficient,
+                                                       dead_mask))
+    (_, out), g = cond_value_and_grads(selection.overflow, dense, sparse_loss, params,
+                                       grads=grads, remat_true=True)
+    return out._replace(metrics=dict(out.metrics,
+                                     overflow=selection.overflow.astype(jnp.float32))), g
 
   def _check_capacity(self):
     """Validates sparse_capacity for the ReLU-family architectures (0 <= C <= n)."""
@@ -320,4 +361,4 @@ class CapacitySAE(SparseAutoencoder):
       raise ValueError(f'sae.sparse_capacity={capacity} must be in [0, n_latents] '
                        f'(n_latents={self.n_latents})')
     if self.block_size:
-      kernels.check_block_size(self.n_latents, self.block_size, 1)
+      sparse.check_block_size(self.n_latents, self.block_size, 1)

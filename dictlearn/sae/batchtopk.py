@@ -17,7 +17,7 @@ every backward pass follow only those. The selection is exact on every path:
 
 * floor path (usual): every entry above a floor (buffers['selection_floor'],
   set from the previous batch near rank 2 * k * B) is collected by the flat
-  capacity selection (`capacity.select_positive`, C slots per token on
+  capacity selection (`sparse.select_positive`, C slots per token on
   average) and the global top k * B is taken among them. No per-token top-k.
 * per-token candidates (the first batch, and any batch where the floor path
   would not be exact): each token's top C candidates, then the global top
@@ -28,22 +28,39 @@ With `sparse_capacity` C = 0 the selection always runs over the whole matrix:
 exact and much slower. The metrics `selection_fallback` and `overflow` say
 when a batch took the second path and the whole-matrix search.
 """
+from typing import NamedTuple
+
 import jax
 from jax import lax
 import jax.numpy as jnp
 
 from dictlearn.sae import base
-from dictlearn.sae import capacity
-from dictlearn.sae import kernels
+from dictlearn.sae import sparse
 from dictlearn.sae import topk
+
+
+class Path(NamedTuple):
+  """What either selection path hands to the rest of the loss.
+
+  Attributes:
+    reconstruction: topk.Reconstruction of the kept triples.
+    overflow: bool scalar, the per-token candidates could not hold the batch
+      selection and the whole-matrix search ran.
+    fallback: bool scalar, the per-token candidates ran (not the floor path).
+    floor: float32 scalar, the next batch's selection floor.
+  """
+  reconstruction: topk.Reconstruction
+  overflow: jax.Array
+  fallback: jax.Array
+  floor: jax.Array
 
 
 class BatchTopKSAE(topk.TopKSAE):
   """BatchTopK SAE with AuxK, unit-norm decoder rows and a learned inference threshold."""
   name = 'batchtopk'
 
-  def __init__(self, cfg, d_model):
-    super().__init__(cfg, d_model)
+  def __init__(self, cfg, d_model, tuning=sparse.DEFAULT_TUNING):
+    super().__init__(cfg, d_model, tuning)
     capacity = cfg.sparse_capacity
     if capacity and not cfg.k <= capacity <= self.n_latents:
       raise ValueError(f'sae.sparse_capacity={capacity} (batchtopk: candidates per token) '
@@ -51,8 +68,7 @@ class BatchTopKSAE(topk.TopKSAE):
     if self.block_size and not capacity:
       raise ValueError('batchtopk with sae.encoder_block_size > 0 needs '
                        'sae.sparse_capacity > 0 (per-token candidates)')
-    kernels.check_block_size(self.n_latents, self.block_size,
-                             max(capacity, cfg.aux_k, cfg.k))
+    sparse.check_block_size(self.n_latents, self.block_size, max(capacity, cfg.aux_k, cfg.k))
     if not 0.0 <= cfg.batchtopk_threshold_momentum < 1.0:
       raise ValueError('sae.batchtopk_threshold_momentum must be in [0, 1), got '
                        f'{cfg.batchtopk_threshold_momentum}')
@@ -78,53 +94,41 @@ class BatchTopKSAE(topk.TopKSAE):
   def _floor_selection(self, params, x, floor):
     """The batch top-k among the entries above `floor` (forward only).
 
-    Returns (kept Selection [B, k], usable, next floor): usable when the
-    selection is exact (`capacity.batch_top`).
+    Returns (sparse.Kept [B, k], usable, next floor): usable when the
+    selection is exact (`sparse.batch_top`).
     """
-    x_in, b_enc = self._encoder_inputs(params, x)
-    stop = lax.stop_gradient
-    candidates = capacity.select_positive(
-        stop(x_in), stop(params['W_enc']), stop(b_enc), self.cfg.sparse_capacity,
-        threshold=jnp.broadcast_to(stop(floor), (self.n_latents,)), block_size=self.block_size,
-        dtype=jnp.dtype(self.dtype).name)
+    x_in, b_enc = self.encoder_inputs(params, x)
+    candidates = self._select_positive(x_in, params['W_enc'], b_enc,
+                                       jnp.broadcast_to(floor, (self.n_latents,)))
     total = x.shape[0] * self.cfg.k
-    kept, exact = capacity.batch_top(candidates, total)
-    return kept, exact, kernels.candidate_floor(candidates.values, total, floor)
+    kept, exact = sparse.batch_top(candidates, total)
+    return kept, exact, sparse.candidate_floor(candidates.values, total, floor, self.tuning)
 
-  def _reconstruction(self, params, x, kept, aux_selection, flags):
-    """(mse, parts): the main term from the kept (values, latents, tokens) triples.
-
-    `parts` carries what the rest of the loss and the metrics need, with the
-    same structure on both paths: (fvu, acts, latents, x_hat, aux_selection,
-    flags), flags = (overflow, selection_fallback, next floor).
-    """
-    values, latents, tokens = kept
-    acts = jax.nn.relu(values)
-    x_hat = (kernels.sparse_decode(acts, latents, params['W_dec'], tokens=tokens)
-             + params['b_dec'].astype(jnp.float32))
-    mse, fvu = base.reconstruction_metrics(x, x_hat)
-    return mse, (fvu, acts, latents, x_hat, aux_selection, flags)
+  def _reconstruction_of(self, params, x, kept, aux):
+    """(mse, Reconstruction) from the kept (token, latent, value) triples, selected
+    without gradient: decode, error and gradient fused (`sparse.batch_mse`)."""
+    mse, x_hat = sparse.batch_mse(x, params['W_enc'], params['b_enc'], params['W_dec'],
+                                  params['b_dec'], kept, self.tuning)
+    fvu = base.fvu_of(x, lax.stop_gradient(mse))
+    return mse, topk.Reconstruction(fvu, jax.nn.relu(kept.values), kept.latents, x_hat, aux)
 
   def _candidates_path(self, params, x, dead_mask):
-    """Per-token candidates (`kernels.encode_select` in batch mode)."""
-    _, enc = self._encode_sparse(params, x, dead_mask, k=self.cfg.sparse_capacity,
-                                 batch_k_per_token=self.cfg.k)
+    """(mse, Path) by per-token candidates (`sparse.encode_select` in batch mode)."""
+    enc = self._encode_sparse(lax.stop_gradient(params), x, dead_mask,
+                              k=self.cfg.sparse_capacity, batch_k_per_token=self.cfg.k)
     floor = jnp.zeros((), jnp.float32) if enc.candidate_floor is None else enc.candidate_floor
-    return self._reconstruction(params, x, (enc.values, enc.latents, enc.tokens),
-                                (enc.aux_values, enc.aux_latents),
-                                (enc.overflow, jnp.asarray(True), floor))
+    mse, rec = self._reconstruction_of(params, x, sparse.Kept(enc.values, enc.latents, enc.tokens),
+                                       enc.aux)
+    return mse, Path(rec, enc.overflow, jnp.asarray(True), floor)
 
   def _floor_path(self, params, x, kept, floor):
-    """The kept triples of `_floor_selection`, differentiable wrt the parameters."""
-    x_in, b_enc = self._encoder_inputs(params, x)
-    values = capacity.with_encoder_vjp(kept, lax.stop_gradient(x_in), params['W_enc'], b_enc)
+    """(mse, Path) from the kept triples of `_floor_selection`, differentiable wrt params."""
     # No AuxK selection here: the path is taken only when the dense AuxK serves.
-    no_aux = (jnp.zeros((x.shape[0], self.cfg.aux_k), jnp.float32),
-              jnp.zeros((x.shape[0], self.cfg.aux_k), jnp.int32))
-    return self._reconstruction(params, x, (values, kept.latents, kept.tokens), no_aux,
-                                (jnp.asarray(False), jnp.asarray(False), floor))
+    mse, rec = self._reconstruction_of(params, x, kept,
+                                       sparse.no_aux_selection(x.shape[0], self.cfg.aux_k))
+    return mse, Path(rec, jnp.asarray(False), jnp.asarray(False), floor)
 
-  def _run(self, params, buffers, x, dead_mask, grads):
+  def loss(self, params, buffers, x, *, sparsity_coefficient, dead_mask, grads):
     """The floor path when it is exact, else per-token candidates; then AuxK.
 
     The floor path keeps the entries above `buffers['selection_floor']` (set
@@ -136,6 +140,7 @@ class BatchTopKSAE(topk.TopKSAE):
     per-token candidates instead. With grads, each path is differentiated on
     its own, and the AuxK term only when a latent is dead.
     """
+    del sparsity_coefficient
     x = x.astype(jnp.float32)
     if dead_mask is None:
       dead_mask = jnp.zeros((self.n_latents,), bool)
@@ -146,44 +151,21 @@ class BatchTopKSAE(topk.TopKSAE):
       floor = buffers['selection_floor']
       possible = (floor > 0) & (jnp.sum(dead_mask) <= topk.aux_dense_cap(self))
       shape = (x.shape[0], self.cfg.k)
-      nothing = (capacity.Selection(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.int32),
-                                    jnp.zeros(shape, jnp.int32), jnp.asarray(True),
-                                    jnp.zeros((), jnp.int32)), jnp.asarray(False), floor)
+      nothing = (sparse.Kept(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.int32),
+                             jnp.zeros(shape, jnp.int32)), jnp.asarray(False), floor)
       # Skipped (matmul included) when the floor path could not be taken anyway.
       kept, usable, floor = lax.cond(possible, lambda: self._floor_selection(params, x, floor),
                                      lambda: nothing)
       fast = lambda p: self._floor_path(p, x, kept, floor)
-    differentiate = lambda f: lambda p: jax.value_and_grad(f, has_aux=True)(p)
-    if grads:
-      (mse, parts), g = lax.cond(usable, differentiate(fast), differentiate(slow), params)
-    else:
-      mse, parts = lax.cond(usable, fast, slow, params)
-    fvu, acts, latents, x_hat, aux_selection, (overflow, fallback, floor) = parts
-    if grads:
-      aux, n_dead, g = topk.add_aux_k_grads(self, params, x, aux_selection, x - x_hat,
-                                            dead_mask, g)
-    else:
-      aux, n_dead = topk.aux_k_loss(self, params, x, aux_selection, x - x_hat, dead_mask)
-    threshold = self._update_threshold(buffers['threshold'], acts)
-    metrics = {
-        'mse': mse, 'fvu': fvu, 'aux_k': aux, 'n_dead': n_dead,
-        'l0': jnp.sum((acts > 0).astype(jnp.float32)) / x.shape[0],
-        'threshold': threshold,
-        'overflow': overflow.astype(jnp.float32),
-        'selection_fallback': fallback.astype(jnp.float32),
-    }
-    fired = kernels.count_fired(acts, latents, self.n_latents)
-    buffers = {'threshold': threshold, 'selection_floor': lax.stop_gradient(floor)}
-    out = base.ForwardOutput(mse + self.cfg.aux_k_coefficient * aux, metrics, fired, buffers)
-    return (out, g) if grads else out
-
-  def forward(self, params, buffers, x, *, sparsity_coefficient, dead_mask):
-    del sparsity_coefficient
-    return self._run(params, buffers, x, dead_mask, grads=False)
-
-  def loss_and_grads(self, params, buffers, x, *, sparsity_coefficient, dead_mask):
-    del sparsity_coefficient
-    return self._run(params, buffers, x, dead_mask, grads=True)
+    (mse, path), g = base.cond_value_and_grads(usable, fast, slow, params, grads=grads)
+    rec = path.reconstruction
+    aux, n_dead, g = topk.aux_k_term(self, params, x, rec.aux, x - rec.x_hat, dead_mask, g)
+    threshold = self._update_threshold(buffers['threshold'], rec.acts)
+    out = self._output(x, mse, rec, aux, n_dead, threshold=threshold,
+                       overflow=path.overflow.astype(jnp.float32),
+                       selection_fallback=path.fallback.astype(jnp.float32))
+    buffers = {'threshold': threshold, 'selection_floor': lax.stop_gradient(path.floor)}
+    return out._replace(buffers=buffers), g
 
   def _inference_act(self, buffers):
     # ReLU then the threshold: keeps pre > max(theta, 0).

@@ -34,7 +34,7 @@ about 60% of the latents die that way (tests/test_ground_truth.py).
 With `sparse_capacity` C > 0, the entries with z > theta - eps (the active ones
 and those inside the kernel band, i.e. every entry with a non-zero gradient)
 are followed sparsely as flat triples, C slots per token on average
-(`capacity.select_positive`); a batch with more is computed densely
+(`sparse.select_positive`); a batch with more is computed densely
 (`lax.cond`), so loss and gradients are always exact.
 """
 import functools
@@ -43,8 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from dictlearn.sae import base
-from dictlearn.sae import capacity
-from dictlearn.sae import kernels
+from dictlearn.sae import sparse
 
 
 def _rectangle(u):
@@ -103,8 +102,8 @@ class JumpReLUSAE(base.CapacitySAE):
   name = 'jumprelu'
   unit_norm_decoder = True
 
-  def __init__(self, cfg, d_model):
-    super().__init__(cfg, d_model)
+  def __init__(self, cfg, d_model, tuning=sparse.DEFAULT_TUNING):
+    super().__init__(cfg, d_model, tuning)
     self._check_capacity()
     if cfg.jumprelu_threshold_init <= 0:
       raise ValueError('sae.jumprelu_threshold_init must be positive, got '
@@ -136,8 +135,9 @@ class JumpReLUSAE(base.CapacitySAE):
     }
     return base.ForwardOutput(mse + coefficient * l0, metrics, fired, {})
 
-  def _dense_loss(self, params, x, coefficient):
+  def _dense_loss(self, params, x, coefficient, dead_mask):
     """The loss by the dense formulation."""
+    del dead_mask
     pre = self._preacts(params, x)
     theta = jnp.broadcast_to(self.threshold(params), pre.shape)
     acts = jumprelu(pre, theta, self.bandwidth)
@@ -146,14 +146,14 @@ class JumpReLUSAE(base.CapacitySAE):
     fired = jnp.sum((pre > theta).astype(jnp.float32), axis=0)
     return self._output(params, x, x_hat, l0, fired, coefficient)
 
-  def _sparse_loss(self, params, x, selection, coefficient):
+  def _sparse_loss(self, params, x, selection, coefficient, dead_mask):
     """The loss from the selected entries (when the selection holds them all)."""
-    values = capacity.with_encoder_vjp(selection, x, params['W_enc'], params['b_enc'])
+    del dead_mask
+    values = sparse.with_encoder_vjp(selection, x, params['W_enc'], params['b_enc'], self.tuning)
     latents = selection.latents
     theta = self.threshold(params)[latents]
     acts = jumprelu(values, theta, self.bandwidth)
-    x_hat = (kernels.sparse_decode(acts, latents, params['W_dec'], tokens=selection.tokens)
-             + params['b_dec'].astype(jnp.float32))
+    x_hat = self._sparse_decode(params, acts, latents, selection.tokens)
     l0 = jnp.sum(step(values, theta, self.bandwidth)) / x.shape[0]
     fired = jax.ops.segment_sum((values > theta).astype(jnp.float32).reshape(-1),
                                 latents.reshape(-1), num_segments=self.n_latents)

@@ -13,7 +13,7 @@ that E||x||^2 = d_model (the data layer's `normalize`).
 
 With `sparse_capacity` C > 0, the non-zeros are followed sparsely through the
 decoder, the penalty and every backward pass, as flat (token, latent) triples
-with C slots per token on average (`capacity.select_positive`: tokens pool
+with C slots per token on average (`sparse.select_positive`: tokens pool
 their slots in groups); a batch that has more non-zeros than a group's slots is
 computed with the dense formulation instead (`lax.cond`), so loss and
 gradients are always exact.
@@ -22,8 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from dictlearn.sae import base
-from dictlearn.sae import capacity
-from dictlearn.sae import kernels
+from dictlearn.sae import sparse
 
 
 def _row_norms(w_dec):
@@ -35,8 +34,8 @@ class ReluL1SAE(base.CapacitySAE):
   name = 'relu_l1'
   unit_norm_decoder = False
 
-  def __init__(self, cfg, d_model):
-    super().__init__(cfg, d_model)
+  def __init__(self, cfg, d_model, tuning=sparse.DEFAULT_TUNING):
+    super().__init__(cfg, d_model, tuning)
     self._check_capacity()
     if cfg.decoder_init_norm <= 0:
       raise ValueError(f'sae.decoder_init_norm must be positive, got {cfg.decoder_init_norm}')
@@ -49,23 +48,24 @@ class ReluL1SAE(base.CapacitySAE):
     metrics = {'mse': mse, 'fvu': fvu, 'l1': l1, 'l0': jnp.sum(fired) / x.shape[0]}
     return base.ForwardOutput(mse + coefficient * l1, metrics, fired, {})
 
-  def _dense_loss(self, params, x, coefficient):
+  def _dense_loss(self, params, x, coefficient, dead_mask):
     """The loss by the dense formulation."""
+    del dead_mask
     acts = jax.nn.relu(self._preacts(params, x))
     x_hat = self.decode(params, acts)
     l1 = jnp.sum(acts * _row_norms(params['W_dec'])) / x.shape[0]
     fired = jnp.sum((acts > 0).astype(jnp.float32), axis=0)
     return self._output(x, x_hat, l1, fired, coefficient)
 
-  def _sparse_loss(self, params, x, selection, coefficient):
+  def _sparse_loss(self, params, x, selection, coefficient, dead_mask):
     """The loss from the selected non-zeros (when the selection holds them all)."""
-    values = capacity.with_encoder_vjp(selection, x, params['W_enc'], params['b_enc'])
+    del dead_mask
+    values = sparse.with_encoder_vjp(selection, x, params['W_enc'], params['b_enc'], self.tuning)
     acts = jax.nn.relu(values)
-    latents, tokens = selection.latents, selection.tokens
-    x_hat = (kernels.sparse_decode(acts, latents, params['W_dec'], tokens=tokens)
-             + params['b_dec'].astype(jnp.float32))
+    latents = selection.latents
+    x_hat = self._sparse_decode(params, acts, latents, selection.tokens)
     l1 = jnp.sum(acts * _row_norms(params['W_dec'])[latents]) / x.shape[0]
-    fired = kernels.count_fired(acts, latents, self.n_latents)
+    fired = sparse.count_fired(acts, latents, self.n_latents)
     return self._output(x, x_hat, l1, fired, coefficient)
 
   def _selection_threshold(self, params):

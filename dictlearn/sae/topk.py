@@ -14,32 +14,43 @@ the relative weight of the two terms is theirs and `aux_k` has mse's units.
 Decoder rows stay unit norm (gradient projected onto the sphere, rows
 renormalised after each update); the encoder starts as the decoder's transpose.
 The whole path is one dense matmul plus top-k; decoder and every backward pass
-follow only the k selected latents (`kernels`).
+follow only the k selected latents (`dictlearn.sae.sparse`).
 """
+from typing import NamedTuple
+
 import jax
 from jax import lax
 import jax.numpy as jnp
 
 from dictlearn.sae import base
-from dictlearn.sae import capacity
-from dictlearn.sae import kernels
+from dictlearn.sae import sparse
 
 
-# AuxK runs densely over the gathered dead latents when at most
-# max(aux_k, n_latents // _AUX_DENSE_FRACTION) are dead (the usual case), for
-# dictionaries of at most _AUX_DENSE_MAX_LATENTS latents. Larger ones always use
-# the encoder's (blocked) AuxK selection: the dense path's gathered [B, cap]
-# pre-activations and its whole-dictionary gradients would cost gigabytes there.
-_AUX_DENSE_FRACTION = 8
-_AUX_DENSE_MAX_LATENTS = 1 << 17
+class Reconstruction(NamedTuple):
+  """What the main (reconstruction) term hands to the rest of the loss.
+
+  Attributes:
+    fvu: scalar, fraction of variance unexplained.
+    acts: [B, m] activations of the kept entries.
+    latents: [B, m] int32 latents of the kept entries.
+    x_hat: [B, d] reconstruction.
+    aux: the encoder's AuxK selection (sparse.AuxSelection), zeros when
+      the encoder made none.
+  """
+  fvu: jax.Array
+  acts: jax.Array
+  latents: jax.Array
+  x_hat: jax.Array
+  aux: sparse.AuxSelection
 
 
 def aux_dense_cap(sae):
   """Most dead latents for which AuxK runs densely over the gathered dead ones
-  (0: never; the encoder's AuxK selection serves whenever a latent is dead)."""
-  if sae.n_latents > _AUX_DENSE_MAX_LATENTS:
+  (0: never; the encoder's AuxK selection serves whenever a latent is dead).
+  See `KernelTuning.aux_dense_fraction` and `aux_dense_max_latents`."""
+  if sae.n_latents > sae.tuning.aux_dense_max_latents:
     return 0
-  return min(sae.n_latents, max(sae.cfg.aux_k, sae.n_latents // _AUX_DENSE_FRACTION))
+  return min(sae.n_latents, max(sae.cfg.aux_k, sae.n_latents // sae.tuning.aux_dense_fraction))
 
 
 def _dead_first(dead_mask):
@@ -64,10 +75,10 @@ def _aux_reconstruction_dense(sae, params, x_in, dead_mask, cap):
   # branch, which then never runs, constant-folded at length at compile time.
   dead_mask = lax.optimization_barrier(dead_mask)
   order = _dead_first(dead_mask)[:cap]
-  pre = kernels.preactivations(x_in, params['W_enc'][:, order], params['b_enc'][order],
-                               sae.dtype)
+  pre = sparse.preactivations(x_in, params['W_enc'][:, order], params['b_enc'][order],
+                              sae.dtype)
   valid = jnp.arange(cap) < jnp.sum(dead_mask)
-  _, pos = kernels.top_k_rows(jnp.where(valid, pre, -jnp.inf), sae.cfg.aux_k)
+  _, pos = sparse.top_k_rows(jnp.where(valid, pre, -jnp.inf), sae.cfg.aux_k, sae.tuning)
   rows = jnp.arange(pre.shape[0])[:, None]
   keep = jnp.zeros(pre.shape, jnp.float32).at[rows, pos].set(1.0) * valid
   acts = jax.nn.relu(pre) * lax.stop_gradient(keep)
@@ -108,7 +119,7 @@ def _aux_branches(sae, x, aux_selection, err, dead_mask):
 
   Returns:
     (branches, index, n_dead): branches[index](params) is the AuxK loss (sum
-    over d, mean over batch units).
+    over d, mean over batch units); branches[0] is the zero of "nothing dead".
   """
   n_dead = jnp.sum(dead_mask.astype(jnp.float32))
   scale = jnp.minimum(n_dead / sae.cfg.aux_k, 1.0)
@@ -120,65 +131,60 @@ def _aux_branches(sae, x, aux_selection, err, dead_mask):
     return scale * jnp.sum(diff * diff) / err.shape[0]
 
   def dense(params):
-    x_in, _ = sae._encoder_inputs(params, x)
+    x_in, _ = sae.encoder_inputs(params, x)
     return loss(_aux_reconstruction_dense(sae, params, x_in, dead_mask, cap))
 
-  def sparse(params):
-    x_in, b_enc = sae._encoder_inputs(params, x)
-    values, latents = aux_selection
-    values = capacity.attach_encoder_vjp(values, lax.stop_gradient(x_in), params['W_enc'],
-                                         b_enc, latents)
+  def sparse_aux(params):
+    x_in, b_enc = sae.encoder_inputs(params, x)
+    values = sparse.attach_encoder_vjp(aux_selection.values, lax.stop_gradient(x_in),
+                                       params['W_enc'], b_enc, aux_selection.latents,
+                                       tuning=sae.tuning)
+    latents = aux_selection.latents
     acts = jnp.where(dead_mask[latents], jax.nn.relu(values), 0.0)
-    return loss(kernels.sparse_decode(acts, latents, params['W_dec']))
+    return loss(sparse.sparse_decode(acts, latents, params['W_dec'], tuning=sae.tuning))
 
   branches = [lambda params: jnp.zeros((), jnp.float32)]
   if cap:
     branches.append(dense)
   if aux_selection is not None:
-    branches.append(sparse)
+    branches.append(sparse_aux)
   index = jnp.where(n_dead == 0, 0, jnp.where(n_dead <= cap, 1, len(branches) - 1))
   return branches, index, n_dead
 
 
-def aux_k_loss(sae, params, x, aux_selection, err, dead_mask):
-  """AuxK loss (sum over d, mean over batch units) and the number of dead latents.
-
-  Args:
-    sae: the SAE (cfg.aux_k, dtype).
-    params: SAE parameters.
-    x: [B, d] input (the encoder sees x - b_dec).
-    aux_selection: (values, latents) [B, aux_k], the encoder kernel's AuxK
-      selection, used when more than `aux_dense_cap` latents are dead; None
-      when the caller guarantees that at most that many are.
-    err: [B, d] residual x - x_hat; no gradient flows into it.
-    dead_mask: [n] bool.
-
-  Returns:
-    (aux_k scalar, n_dead scalar float32).
-  """
-  if not sae.cfg.aux_k:
-    return jnp.zeros((), jnp.float32), jnp.sum(dead_mask.astype(jnp.float32))
-  branches, index, n_dead = _aux_branches(sae, x, aux_selection, err, dead_mask)
-  # Rematerialised branches save only their operands for the backward pass:
-  # otherwise every step would carry the dense branch's [B, cap] residuals, as
-  # zeros when (usually) another branch runs.
-  branches = branches[:1] + [jax.checkpoint(b) for b in branches[1:]]
-  return lax.switch(index, branches, params), n_dead
-
-
-def add_aux_k_grads(sae, params, x, aux_selection, err, dead_mask, grads):
+def aux_k_term(sae, params, x, aux_selection, err, dead_mask, grads):
   """The AuxK loss, and `grads` plus aux_k_coefficient times its gradient.
 
-  Each case of `aux_k_loss` is differentiated on its own inside the switch, so
-  that when no latent is dead (the usual case) nothing is computed and no
-  zero gradient is formed: `grads` passes through.
+  Forward-only (grads None), the loss's branches other than "nothing dead" are
+  rematerialised: they save only their operands for an outer jax.grad, which
+  otherwise would carry the dense branch's [B, cap] residuals every step, as
+  zeros when (usually) another branch runs. With grads, each branch is
+  differentiated on its own inside the switch, so that when no latent is dead
+  (the usual case) nothing is computed and no zero gradient is formed: `grads`
+  passes through.
+
+  Args:
+    sae: the SAE (cfg.aux_k, aux_k_coefficient, dtype, tuning).
+    params: SAE parameters.
+    x: [B, d] input (the encoder sees x - b_dec).
+    aux_selection: the encoder kernel's AuxK selection (sparse.AuxSelection),
+      used when more than `aux_dense_cap` latents are dead; None when the
+      caller guarantees that at most that many are.
+    err: [B, d] residual x - x_hat; no gradient flows into it.
+    dead_mask: [n] bool, or None (nothing is dead).
+    grads: the main term's gradient dict, or None (forward only).
 
   Returns:
-    (aux_k scalar, n_dead scalar, grads).
+    (aux_k scalar, n_dead scalar float32, grads with the AuxK term added or None).
   """
+  if dead_mask is None:
+    return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), grads
   if not sae.cfg.aux_k:
     return jnp.zeros((), jnp.float32), jnp.sum(dead_mask.astype(jnp.float32)), grads
   branches, index, n_dead = _aux_branches(sae, x, aux_selection, err, dead_mask)
+  if grads is None:
+    branches = branches[:1] + [jax.checkpoint(b) for b in branches[1:]]
+    return lax.switch(index, branches, params), n_dead, None
   coefficient = sae.cfg.aux_k_coefficient
 
   def adding(branch):
@@ -197,20 +203,20 @@ class TopKSAE(base.SparseAutoencoder):
   name = 'topk'
   unit_norm_decoder = True
 
-  def __init__(self, cfg, d_model):
-    super().__init__(cfg, d_model)
+  def __init__(self, cfg, d_model, tuning=sparse.DEFAULT_TUNING):
+    super().__init__(cfg, d_model, tuning)
     if not 0 < cfg.k <= self.n_latents:
       raise ValueError(f'sae.k={cfg.k} must be in [1, n_latents={self.n_latents}]')
     if not 0 <= cfg.aux_k <= self.n_latents:
       raise ValueError(f'sae.aux_k={cfg.aux_k} must be in [0, n_latents={self.n_latents}]')
     if cfg.aux_k_coefficient < 0:
       raise ValueError(f'sae.aux_k_coefficient must be >= 0, got {cfg.aux_k_coefficient}')
-    kernels.check_block_size(self.n_latents, self.block_size, max(cfg.k, cfg.aux_k))
+    sparse.check_block_size(self.n_latents, self.block_size, max(cfg.k, cfg.aux_k))
 
   def init(self, key):
     return self._tied_init(key, 1.0), {}
 
-  def _encoder_inputs(self, params, x):
+  def encoder_inputs(self, params, x):
     """(x - b_dec, b_enc with b_dec's gradient): what the encoder kernels take.
 
     b_dec's gradient through the encoder (-W_enc @ d_b_enc) is routed through
@@ -222,65 +228,60 @@ class TopKSAE(base.SparseAutoencoder):
     return x_in, _with_b_dec_grad(params['b_enc'].astype(jnp.float32), b_dec, params['W_enc'])
 
   def _encode_sparse(self, params, x, dead_mask=None, *, k=None, batch_k_per_token=0):
-    """Runs the encoder kernel on x - b_dec; returns (x - b_dec, EncoderOutput).
+    """Runs the encoder kernel on x - b_dec: an EncoderOutput.
 
     Selects the per-token top `k` (default cfg.k), or in batch mode the batch top
     B * batch_k_per_token from `k` candidates per token; AuxK when dead_mask is
     given.
     """
-    x_in, b_enc = self._encoder_inputs(params, x)
+    x_in, b_enc = self.encoder_inputs(params, x)
     aux_k = self.cfg.aux_k if dead_mask is not None else 0
     spec = self._spec(k=self.cfg.k if k is None else k, aux_k=aux_k,
                       aux_min_dead=aux_dense_cap(self), batch_k_per_token=batch_k_per_token)
-    enc = kernels.encode_select(lax.stop_gradient(x_in), params['W_enc'], b_enc, spec,
+    return sparse.encode_select(lax.stop_gradient(x_in), params['W_enc'], b_enc, spec,
                                 aux_mask=dead_mask)
-    return x_in, enc
 
   def _reconstruction(self, params, x, dead_mask):
-    """(mse, (fvu, acts, enc, x_hat)): the main term, and what the rest needs."""
-    _, enc = self._encode_sparse(params, x, dead_mask)
-    acts = jax.nn.relu(enc.values)
-    x_hat = (kernels.sparse_decode(acts, enc.latents, params['W_dec'])
-             + params['b_dec'].astype(jnp.float32))
-    mse, fvu = base.reconstruction_metrics(x, x_hat)
-    return mse, (fvu, acts, enc, x_hat)
+    """(mse, Reconstruction): the main term, and what the rest of the loss needs.
 
-  def _output(self, x, mse, fvu, acts, latents, aux, n_dead):
-    metrics = {
-        'mse': mse, 'fvu': fvu, 'aux_k': aux, 'n_dead': n_dead,
-        'l0': jnp.sum((acts > 0).astype(jnp.float32)) / x.shape[0],
-    }
-    fired = kernels.count_fired(acts, latents, self.n_latents)
+    With one encoder block, the whole term and its gradient run in one pass per
+    tile of rows (`sparse.topk_mse`); a blocked encoder selects first
+    (`sparse.encode_select`) and decodes after (`sparse.sparse_decode`).
+    """
+    if self.block_size in (0, self.n_latents):
+      spec = self._spec(k=self.cfg.k, aux_k=self.cfg.aux_k if dead_mask is not None else 0,
+                        aux_min_dead=aux_dense_cap(self))
+      term = sparse.topk_mse(x, params['W_enc'], params['b_enc'], params['W_dec'],
+                             params['b_dec'], spec, aux_mask=dead_mask)
+      rec = Reconstruction(base.fvu_of(x, lax.stop_gradient(term.mse)),
+                           jax.nn.relu(term.values), term.latents, term.x_hat, term.aux)
+      return term.mse, rec
+    enc = self._encode_sparse(params, x, dead_mask)
+    acts = jax.nn.relu(enc.values)
+    x_hat = self._sparse_decode(params, acts, enc.latents)
+    mse, fvu = base.reconstruction_metrics(x, x_hat)
+    return mse, Reconstruction(fvu, acts, enc.latents, x_hat, enc.aux)
+
+  def _output(self, x, mse, rec, aux, n_dead, **metrics):
+    """The ForwardOutput of the loss mse + aux_k_coefficient * aux."""
+    metrics = dict(metrics, mse=mse, fvu=rec.fvu, aux_k=aux, n_dead=n_dead,
+                   l0=jnp.sum((rec.acts > 0).astype(jnp.float32)) / x.shape[0])
+    fired = sparse.count_fired(rec.acts, rec.latents, self.n_latents)
     return base.ForwardOutput(mse + self.cfg.aux_k_coefficient * aux, metrics, fired, {})
 
-  def forward(self, params, buffers, x, *, sparsity_coefficient, dead_mask):
+  def loss(self, params, buffers, x, *, sparsity_coefficient, dead_mask, grads):
+    """The main term (its gradient by the kernels' VJPs), plus AuxK only when a latent is dead."""
     del buffers, sparsity_coefficient  # the sparsity is fixed by k
     x = x.astype(jnp.float32)
-    mse, (fvu, acts, enc, x_hat) = self._reconstruction(params, x, dead_mask)
-    if dead_mask is None:  # nothing dead: no AuxK term
-      aux, n_dead = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
-    else:
-      aux, n_dead = aux_k_loss(self, params, x, (enc.aux_values, enc.aux_latents), x - x_hat,
-                               dead_mask)
-    return self._output(x, mse, fvu, acts, enc.latents, aux, n_dead)
-
-  def loss_and_grads(self, params, buffers, x, *, sparsity_coefficient, dead_mask):
-    """The main term's gradient, plus the AuxK term's only when a latent is dead."""
-    if dead_mask is None:
-      return super().loss_and_grads(params, buffers, x, sparsity_coefficient=sparsity_coefficient,
-                                    dead_mask=dead_mask)
-    x = x.astype(jnp.float32)
-    (mse, (fvu, acts, enc, x_hat)), grads = jax.value_and_grad(
-        lambda p: self._reconstruction(p, x, dead_mask), has_aux=True)(params)
-    aux, n_dead, grads = add_aux_k_grads(self, params, x, (enc.aux_values, enc.aux_latents),
-                                         x - x_hat, dead_mask, grads)
-    return self._output(x, mse, fvu, acts, enc.latents, aux, n_dead), grads
+    (mse, rec), g = base.value_and_grads(lambda p: self._reconstruction(p, x, dead_mask),
+                                         params, grads=grads)
+    aux, n_dead, g = aux_k_term(self, params, x, rec.aux, x - rec.x_hat, dead_mask, g)
+    return self._output(x, mse, rec, aux, n_dead), g
 
   def encode(self, params, buffers, x):
-    _, enc = self._encode_sparse(params, x)
-    return kernels.densify(jax.nn.relu(enc.values), enc.latents, self.n_latents)
+    enc = self._encode_sparse(params, x)
+    return sparse.densify(jax.nn.relu(enc.values), enc.latents, self.n_latents)
 
   def reconstruct(self, params, buffers, x):
-    _, enc = self._encode_sparse(params, x)
-    y = kernels.sparse_decode(jax.nn.relu(enc.values), enc.latents, params['W_dec'])
-    return y + params['b_dec'].astype(jnp.float32)
+    enc = self._encode_sparse(params, x)
+    return self._sparse_decode(params, jax.nn.relu(enc.values), enc.latents)

@@ -4,34 +4,30 @@ The ReLU-family SAEs (ReLU+L1, JumpReLU) activate a variable number of latents
 per token. Their sparse path keeps every entry of pre = x @ W_enc + b_enc whose
 score (pre - threshold) + margin is positive, as flat (token, latent, value)
 triples, up to a capacity for the whole batch: `capacity` slots per token on
-average, pooled over groups of _GROUP_ROWS tokens, so a token with many
-non-zeros borrows the slots its neighbours leave empty. When a group holds more
-entries than its slots, the batch `overflow`s and the caller computes it with
-the exact dense formulation instead (`lax.cond`), so results are always exact.
+average, pooled over groups of `KernelTuning.capacity_group_rows` tokens, so a
+token with many non-zeros borrows the slots its neighbours leave empty. When a
+group holds more entries than its slots, the batch `overflow`s and the caller
+computes it with the exact dense formulation instead (`lax.cond`), so results
+are always exact.
 
 No top-k is involved. Per tile of rows (and block of latents), the selection is
 a compaction in two levels, all vectorised: the maximum score of each run of
-_RUN latents (a fast reduction fused with the matmul's output pass) marks the
-runs holding an entry; a cumulative count lists those runs, and a second count
-over their members lists the entries, in (token, latent) order. Unused slots
-hold value -inf (activation 0, no gradient) at latent 0.
-
-`with_encoder_vjp` attaches the sparse encoder backward to values selected
-here, so a caller can select once and differentiate inside a `lax.cond` branch.
+`capacity_run` latents (a fast reduction fused with the matmul's output pass)
+marks the runs holding an entry; a cumulative count lists those runs, and a
+second count over their members lists the entries, in (token, latent) order.
+Unused slots hold value -inf (activation 0, no gradient) at latent 0.
 """
 from typing import NamedTuple
 
 import jax
-from jax import lax
 import jax.numpy as jnp
+from jax import lax
 
-from dictlearn.sae import kernels
-
-# Latents per run for the first level of the compaction (a power of two that
-# divides n_latents, at most this).
-_RUN = 16
-# Tokens that pool their slots (a divisor of the tile's rows, at most this).
-_GROUP_ROWS = 64
+from dictlearn.sae.sparse.spec import check_block_size
+from dictlearn.sae.sparse.tuning import DEFAULT_TUNING
+from dictlearn.sae.sparse.tuning import KernelTuning
+from dictlearn.sae.sparse.tuning import divisor_at_most
+from dictlearn.sae.sparse.tuning import tile_rows
 
 
 class Selection(NamedTuple):
@@ -52,18 +48,21 @@ class Selection(NamedTuple):
   count: jax.Array
 
 
-def _run_size(n):
-  run = _RUN
+class _Entries(NamedTuple):
+  """Entries compacted per group of rows, [G, slots] each (unused slots: value -inf)."""
+  values: jax.Array
+  latents: jax.Array
+  rows: jax.Array  # the entry's row (within the tile, or a token of the batch)
+
+
+def _run_size(n, tuning):
+  run = tuning.capacity_run
   while run > 1 and n % run:
     run //= 2
   return run
 
 
-def _divisor_at_most(m, cap):
-  return max(t for t in range(1, min(m, cap) + 1) if m % t == 0)
-
-
-def _positions(flags, slots, fill):
+def compact_positions(flags, slots, fill):
   """Stream compaction of each row of flags [P, L] (0/1 int32) into `slots` slots.
 
   Returns (index [P, slots] int32: the index of the j-th set flag of row p, or
@@ -82,7 +81,7 @@ def _positions(flags, slots, fill):
   return index.reshape(rows, slots), cum[:, -1]
 
 
-def _compact(raw, vectors, score, slots, group_rows):
+def _compact(raw, vectors, score, slots, group_rows, tuning):
   """Entries of one [R, n] block with score(raw, *vectors) > 0, compacted per group.
 
   Args:
@@ -91,14 +90,14 @@ def _compact(raw, vectors, score, slots, group_rows):
     score: elementwise (raw, *vectors) -> scores.
     slots: slots per group of rows.
     group_rows: rows per group (divides R).
+    tuning: the run size.
 
   Returns:
-    (values, latents, rows, count): [R // group_rows, slots] each (rows: row
-    within the block), and count [R // group_rows], the entries of each group
-    (possibly more than `slots`).
+    (_Entries [R // group_rows, slots] (rows: row within the block), count
+    [R // group_rows], the entries of each group (possibly more than `slots`)).
   """
   n_rows, n = raw.shape
-  run = _run_size(n)
+  run = _run_size(n, tuning)
   n_runs = n // run
   groups = n_rows // group_rows
   runs = raw.reshape(n_rows, n_runs, run)
@@ -107,7 +106,7 @@ def _compact(raw, vectors, score, slots, group_rows):
   hit = jnp.max(score(runs, *run_vectors), axis=-1) > 0
   hit = hit.reshape(groups, group_rows * n_runs).astype(jnp.int32)
   slot = jnp.arange(slots, dtype=jnp.int32)
-  hit_runs, n_hit = _positions(hit, slots, group_rows * n_runs - 1)
+  hit_runs, n_hit = compact_positions(hit, slots, group_rows * n_runs - 1)
   listed = slot < n_hit[:, None]  # a group with fewer hit runs leaves slots unused
   # Level 2: the members of the listed runs (at most `slots` runs, each holding
   # at least one entry, suffice unless the group overflows).
@@ -118,7 +117,7 @@ def _compact(raw, vectors, score, slots, group_rows):
   member_vectors = [jnp.take(v, run_of, axis=0, mode='clip') for v in run_vectors]
   inside = (score(members, *member_vectors) > 0) & listed[..., None]
   inside = inside.reshape(groups, slots * run).astype(jnp.int32)
-  entry, count = _positions(inside, slots, slots * run - 1)
+  entry, count = compact_positions(inside, slots, slots * run - 1)
   # More hit runs than slots: the listed runs hold only part of the entries,
   # but there are more entries than slots (each hit run holds one at least).
   count = jnp.maximum(count, n_hit)
@@ -131,28 +130,28 @@ def _compact(raw, vectors, score, slots, group_rows):
          + jnp.take(vectors[0], latents, mode='clip'))
   used = slot < count[:, None]
   values = jnp.where(used, pre, -jnp.inf)
-  return values, jnp.where(used, latents, 0), rows, count
+  return _Entries(values, jnp.where(used, latents, 0), rows), count
 
 
 def _merge(acc, new, offset):
-  """Appends `new` (values, latents, rows) [G, S] after the first `offset` [G] slots
-  of `acc`; what does not fit is dropped (the caller flags the overflow)."""
-  slots = acc[0].shape[1]
+  """Appends `new` _Entries [G, S] after the first `offset` [G] slots of `acc`;
+  what does not fit is dropped (the caller flags the overflow)."""
+  slots = acc.values.shape[1]
   slot = jnp.arange(slots, dtype=jnp.int32)[None, :]
   source = jnp.clip(slot - offset[:, None], 0, slots - 1)
   keep = slot < offset[:, None]
-  return tuple(jnp.where(keep, a, jnp.take_along_axis(b, source, axis=1))
-               for a, b in zip(acc, new))
+  return _Entries(*(jnp.where(keep, a, jnp.take_along_axis(b, source, axis=1))
+                    for a, b in zip(acc, new)))
 
 
 def select_positive(x, W_enc, b_enc, capacity, *, threshold=None, margin=0.0, block_size=0,
-                    dtype='float32'):
+                    dtype='float32', tuning: KernelTuning = DEFAULT_TUNING):
   """Every entry with (pre - threshold) + margin > 0, up to `capacity` per token on average.
 
   pre = x @ W_enc + b_enc (matmul inputs in `dtype`, float32 accumulation).
-  Tokens pool their slots in groups of up to _GROUP_ROWS; once a group has
-  overflowed, the tiles after it are skipped, matmul included (the caller
-  recomputes the batch densely).
+  Tokens pool their slots in groups of up to `tuning.capacity_group_rows`; once
+  a group has overflowed, the tiles after it are skipped, matmul included (the
+  caller recomputes the batch densely).
 
   Args:
     x: [B, d].
@@ -163,6 +162,7 @@ def select_positive(x, W_enc, b_enc, capacity, *, threshold=None, margin=0.0, bl
     margin: added to the score (static float).
     block_size: latents per encoder block (0 = one block; else a divisor of n).
     dtype: matmul input dtype name.
+    tuning: tile, group and run sizes.
 
   Returns:
     Selection; values are the pre-activations (no threshold or margin applied).
@@ -172,10 +172,10 @@ def select_positive(x, W_enc, b_enc, capacity, *, threshold=None, margin=0.0, bl
   batch, d = x.shape
   n = W_enc.shape[1]
   bs = block_size or n
-  kernels.check_block_size(n, block_size, 1)
-  rows = kernels._tile_rows(batch, bs)
+  check_block_size(n, block_size, 1)
+  rows = tile_rows(batch, bs, tuning)
   tiles = batch // rows
-  group_rows = _divisor_at_most(rows, _GROUP_ROWS)
+  group_rows = divisor_at_most(rows, tuning.capacity_group_rows)
   groups, slots = rows // group_rows, group_rows * capacity
   x3 = x.reshape(rows, tiles, d)
   mm_dtype = jnp.dtype(dtype)
@@ -195,9 +195,9 @@ def select_positive(x, W_enc, b_enc, capacity, *, threshold=None, margin=0.0, bl
     raw = jnp.dot(x_tile.astype(mm_dtype), cut(W_enc).astype(mm_dtype),
                   preferred_element_type=jnp.float32)
     vectors = (cut(bias),) if thr is None else (cut(bias), cut(thr))
-    values, latents, local, new_count = _compact(raw, vectors, score, slots, group_rows)
-    latents = jnp.where(values > -jnp.inf, latents + j * bs, 0)
-    new = (values, latents, local * tiles + i)  # tile i holds rows i, i + T, ...
+    new, new_count = _compact(raw, vectors, score, slots, group_rows, tuning)
+    new = _Entries(new.values, jnp.where(new.values > -jnp.inf, new.latents + j * bs, 0),
+                   new.rows * tiles + i)  # tile i holds rows i, i + T, ...
     if bs == n:  # one block: nothing to append to
       return new, new_count
     return _merge(acc, new, count), count + new_count
@@ -208,91 +208,22 @@ def select_positive(x, W_enc, b_enc, capacity, *, threshold=None, margin=0.0, bl
 
     def work(args):
       acc, count = args
-      tile_acc = tuple(lax.dynamic_index_in_dim(a, i, axis=0, keepdims=False) for a in acc)
+      tile_acc = _Entries(*(lax.dynamic_index_in_dim(a, i, axis=0, keepdims=False) for a in acc))
       tile_acc, tile_count = tile_block(i, j, tile_acc,
                                         lax.dynamic_index_in_dim(count, i, keepdims=False))
-      acc = tuple(lax.dynamic_update_index_in_dim(a, b, i, axis=0) for a, b in zip(acc, tile_acc))
+      acc = _Entries(*(lax.dynamic_update_index_in_dim(a, b, i, axis=0)
+                       for a, b in zip(acc, tile_acc)))
       count = lax.dynamic_update_index_in_dim(count, tile_count, i, axis=0)
       return acc, count, jnp.any(tile_count > slots)
 
     return lax.cond(overflow, lambda args: args + (overflow,), work, (acc, count))
 
-  acc = (jnp.full((tiles, groups, slots), -jnp.inf, jnp.float32),
-         jnp.zeros((tiles, groups, slots), jnp.int32),
-         jnp.zeros((tiles, groups, slots), jnp.int32))
+  acc = _Entries(jnp.full((tiles, groups, slots), -jnp.inf, jnp.float32),
+                 jnp.zeros((tiles, groups, slots), jnp.int32),
+                 jnp.zeros((tiles, groups, slots), jnp.int32))
   count = jnp.zeros((tiles, groups), jnp.int32)
   acc, count, overflow = lax.fori_loop(0, tiles * (n // bs), body,
                                        (acc, count, jnp.asarray(False)))
   shape = (batch, capacity)
-  return Selection(acc[0].reshape(shape), acc[1].reshape(shape), acc[2].reshape(shape),
-                   overflow, jnp.sum(count))
-
-
-def batch_top(selection, total):
-  """The `total` largest values of a selection, as [B, total // B] flat triples.
-
-  They are the batch's `total` largest pre-activations overall (the BatchTopK
-  selection) when `exact`: the selection did not overflow, holds at least
-  `total` entries (so every entry left out is below them), and no tie straddles
-  the cut (a tie would be broken by the exhaustive selection's rule, token
-  order, which this does not follow; the caller then takes another path).
-  The kept triples stay in selection order.
-
-  Returns:
-    (Selection, exact bool scalar).
-  """
-  values = selection.values.reshape(-1)
-  size = values.shape[0]
-  keys = kernels._sortable_keys(values)
-  kept = keys >= kernels._kth_largest_key(keys, total)
-  index, n_kept = _positions(kept[None].astype(jnp.int32), total, size - 1)
-  index = index[0]
-  exact = ~selection.overflow & (selection.count >= total) & (n_kept[0] == total)
-  shape = (selection.values.shape[0], total // selection.values.shape[0])
-  pick = lambda a: a.reshape(-1)[index].reshape(shape)
-  out = Selection(pick(selection.values), pick(selection.latents), pick(selection.tokens),
-                  selection.overflow, jnp.minimum(selection.count, total))
-  return out, exact
-
-
-# ---------------------------------------------------------------------------
-# The encoder's backward for a selection made elsewhere
-# ---------------------------------------------------------------------------
-
-
-@jax.custom_vjp
-def _attach(values, x, W_enc, b_enc, latents, tokens):
-  del x, W_enc, b_enc, latents, tokens
-  return values
-
-
-def _attach_fwd(values, x, W_enc, b_enc, latents, tokens):
-  return values, (x, W_enc, b_enc, latents, tokens)
-
-
-def _attach_bwd(res, g):
-  x, W_enc, b_enc, latents, tokens = res
-  d_x, d_w_t, d_b = kernels._encoder_grads(x, W_enc, g, latents, tokens)
-  return (jnp.zeros_like(g), d_x.astype(x.dtype), d_w_t.T.astype(W_enc.dtype),
-          d_b.astype(b_enc.dtype), None, None)
-
-
-_attach.defvjp(_attach_fwd, _attach_bwd)
-
-
-def attach_encoder_vjp(values, x, W_enc, b_enc, latents, tokens=None):
-  """`values`, differentiable wrt x, W_enc and b_enc with the sparse encoder VJP.
-
-  The values must be the entries (tokens or row, latents) of x @ W_enc + b_enc,
-  selected elsewhere (without gradient); their gradient is routed to those
-  entries only, as in `kernels.encode_select`. Unused slots must receive a zero
-  cotangent (any activation of -inf does).
-  """
-  return _attach(values, x, W_enc, b_enc, latents.astype(jnp.int32),
-                 None if tokens is None else tokens.astype(jnp.int32))
-
-
-def with_encoder_vjp(selection, x, W_enc, b_enc):
-  """A Selection's values, differentiable wrt x, W_enc and b_enc (`attach_encoder_vjp`)."""
-  return attach_encoder_vjp(selection.values, x, W_enc, b_enc, selection.latents,
-                            selection.tokens)
+  return Selection(acc.values.reshape(shape), acc.latents.reshape(shape),
+                   acc.rows.reshape(shape), overflow, jnp.sum(count))
