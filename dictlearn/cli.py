@@ -20,6 +20,7 @@ Both behave the same way for a person at a terminal:
 * Ctrl-C is `interrupted` and exit status 130.
 """
 import argparse
+import importlib
 import logging
 import os
 import runpy
@@ -116,6 +117,13 @@ def make_config_importable(config_file: str) -> None:
     root = os.path.dirname(folder)
     if root not in sys.path:
       sys.path.insert(0, root)
+
+
+def experiment(name: str):
+  """The module `experiments/<name>.py` of this checkout, for tools run as
+  `python tools/x.py` (where the checkout's root is not on sys.path)."""
+  make_config_importable(os.path.join(EXPERIMENTS_DIR, f'{name}.py'))
+  return importlib.import_module(f'experiments.{name}')
 
 
 def load_config_file(spec: str):

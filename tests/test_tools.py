@@ -37,3 +37,30 @@ def test_inspect_checkpoint_store_and_evals(tmp_path):
   evaluation = json.loads(run(['-m', 'dictlearn.evals', '--workdir', str(tmp_path)]))
   assert abs(evaluation['fvu'] - summary['eval']['fvu']) < 1e-5
   assert evaluation['step'] == 20
+
+
+# Scripts that run in the peers' environment (PyTorch, sae_lens, sparsify), not this one.
+PEERS_SCRIPTS = {'check_saelens_format.py', 'check_sparsify_format.py', 'peers_data.py',
+                 'saelens_train.py', 'sparsify_train.py'}
+
+LOAD_TOOLS = r'''
+import os, runpy, sys
+start = list(sys.path)
+for path in sys.argv[1:]:
+  sys.path[:] = [os.path.dirname(path)] + start[1:]  # as `python tools/x.py` sets it
+  for name in [m for m in sys.modules if m == 'experiments' or m.startswith('experiments.')]:
+    del sys.modules[name]  # each tool finds experiments/ by itself
+  runpy.run_path(path, run_name='tool_under_test')  # its imports, not its main()
+'''
+
+
+def test_every_tool_loads_as_a_script_from_another_directory(tmp_path):
+  """`python tools/x.py` has tools/, not the checkout, on sys.path: every tool's imports
+  (experiments included, through `cli.experiment`) must work from any directory."""
+  tools = sorted(os.path.join(REPO, 'tools', name)
+                 for name in os.listdir(os.path.join(REPO, 'tools'))
+                 if name.endswith('.py') and name not in PEERS_SCRIPTS)
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  result = subprocess.run([sys.executable, '-c', LOAD_TOOLS] + tools, cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dictlearn import cli
 from dictlearn.data import store as store_lib
 from dictlearn.sae import make_sae
 from dictlearn.train import schedules
@@ -40,7 +41,7 @@ from dictlearn.train import state as state_lib
 from dictlearn.train import group as group_lib
 from dictlearn.train import metrics as metrics_lib
 from dictlearn.train.trainer import make_train_step, train_and_evaluate
-from experiments import base
+base = cli.experiment('base')
 
 
 def make_config(args, n_latents, store):

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from dictlearn import cli
 from dictlearn import harvest as harvest_lib
 from dictlearn.lm import gguf
-from experiments import harvest_smollm2
+harvest_smollm2 = cli.experiment('harvest_smollm2')
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS_PYTHON = os.path.join(REPO, '.peers', 'bin', 'python')

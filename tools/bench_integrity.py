@@ -28,7 +28,7 @@ from dictlearn.sae import make_sae
 from dictlearn.train import checkpoint as ckpt_lib
 from dictlearn.train import schedules
 from dictlearn.train import state as state_lib
-from experiments import base
+base = cli.experiment('base')
 
 
 def _best(fn, repeats):

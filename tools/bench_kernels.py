@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from dictlearn import cli
 from dictlearn import sae as sae_lib
-from experiments import base as base_config
+base_config = cli.experiment('base')
 
 
 def _time(fn, args, repeats):

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 
+from dictlearn import cli
 from dictlearn import cli  # no jax: the parent process measures its children only
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +42,7 @@ GIB = float(1 << 30)
 
 def make_config(args, mesh_shape):
   """The experiment config of the measurement (TopK, blocked encoder, no evaluation)."""
-  from experiments import base
+  base = cli.experiment('base')
   c = base.get_config()
   c.unlock()
   c.sae.architecture = 'topk'

@@ -55,7 +55,7 @@ from dictlearn.train import schedules
 from dictlearn.train import state as state_lib
 from dictlearn.train import throughput
 from dictlearn.train.trainer import make_train_step
-from experiments import base
+base = cli.experiment('base')
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS = os.path.join(os.path.dirname(REPO), 'shared', 'bench', 'peers')
