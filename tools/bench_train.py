@@ -18,7 +18,7 @@ the table gives medians over rounds.
 MFU: model FLOPs per token (`dictlearn.sae.flops.model_flops_per_token`, the
 trainer's and the scaling sweep's formula) x tokens/s over the device's peak
 (`dictlearn.train.throughput`; on a CPU, a float32 matmul measured once, printed
-first). The ceiling's MFU is the encoder matmul's rate counted the same way.
+first). The ceiling's MFU counts the encoder matmul's own 2 d n FLOPs per token.
 
 The sparse paths of relu_l1 and jumprelu depend on how many latents fire, so
 they are timed in two states: `init` (the fresh state: about half the latents
@@ -265,7 +265,7 @@ def main(argv=None) -> int:
                                     l0=extra[(arch, regime)].get('l0'))
       row = (f'{arch:9s} {state:5s} d={d} n={n:<6d} {rate:8,.0f} tok/s MFU '
              f'{100 * rate * flops / peak:5.1f}% | ceiling {ceiling_rate:8,.0f} tok/s (MFU '
-             f'{100 * ceiling_rate * flops / peak:5.1f}%), {100 * rate / ceiling_rate:5.1f}%')
+             f'{100 * ceiling_rate * 2 * d * n / peak:5.1f}%), {100 * rate / ceiling_rate:5.1f}%')
       for label, _, _ in peer_runs(arch, d, n, args.batch, args.k, args.repeats):
         if label in peers:
           peer = statistics.median(peers[label])
