@@ -62,15 +62,17 @@ def device_spec(device_kind: str) -> DeviceSpec | None:
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_peak_flops(size: int = 1024, repeats: int = 5) -> float:
-  """This host's float32 matmul FLOP/s, measured once per process (best of `repeats`).
+def cpu_peak_flops(dtype: str = 'float32', size: int = 1024, repeats: int = 5) -> float:
+  """This host's matmul FLOP/s in `dtype`, measured once per process (best of `repeats`).
 
-  A [size, size] @ [size, size] product on the first CPU device; on a loaded
-  machine the figure is low, and the MFU it gives high.
+  A [size, size] @ [size, size] product on the first CPU device, inputs in `dtype` and
+  float32 accumulation as the SAE's products take them (a bfloat16 product with a
+  bfloat16 output takes a much slower path on CPUs with AMX). On a loaded machine the
+  figure is low, and the MFU it gives high.
   """
   cpu = jax.local_devices(backend='cpu')[0]
-  a = jax.device_put(jnp.ones((size, size), jnp.float32), cpu)
-  matmul = jax.jit(lambda x: x @ x)
+  a = jax.device_put(jnp.ones((size, size), dtype), cpu)
+  matmul = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
   jax.block_until_ready(matmul(a))
   best = float('inf')
   for _ in range(repeats):
@@ -78,7 +80,7 @@ def cpu_peak_flops(size: int = 1024, repeats: int = 5) -> float:
     jax.block_until_ready(matmul(a))
     best = min(best, time.perf_counter() - start)
   peak = 2.0 * size ** 3 / best
-  log.info('CPU peak measured by a %dx%d float32 matmul: %.3g FLOP/s', size, size, peak)
+  log.info('CPU peak measured by a %dx%d %s matmul: %.3g FLOP/s', size, size, dtype, peak)
   return peak
 
 
@@ -98,7 +100,7 @@ def peak_flops(devices, dtype: str) -> float:
     if any(d.platform != 'cpu' for d in devices):
       log.warning('no peak FLOP/s known for device kind %r; MFU counts the CPU peak for it',
                   next(d.device_kind for d in devices if d.platform != 'cpu'))
-    total += cpu_peak_flops() * len(cpu_processes)
+    total += cpu_peak_flops(dtype) * len(cpu_processes)
   return total
 
 
