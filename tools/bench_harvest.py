@@ -10,8 +10,9 @@ summary, compile excluded by a warm-up harvest), once reading a deep site
 (`.peers/bin/python`: torch + transformers + gguf) loads the GGUF that
 `dictlearn.fetch` cached, as /work/shared/bench/peers/hf_forward.py does, and times
 the base model's forward with `output_hidden_states=True` (no lm_head: a harvester
-needs no logits) at the same batch x context; it also times the base model cut to the deep site's depth,
-the fairest peer of dictlearn's early stop. The two run alternately, `--rounds`
+needs no logits) at the same batch x context and dtype (`--dtype`); it also times
+the base model cut to the deep site's depth, the fairest peer of dictlearn's early
+stop. The two run alternately, `--rounds`
 times, and the ratios are per round (the machine may be shared) with their median.
 Prints figures; it is not a test.
 """
@@ -35,8 +36,8 @@ harvest_smollm2 = cli.experiment('harvest_smollm2')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS_PYTHON = os.path.join(REPO, '.peers', 'bin', 'python')
 
-# Runs in the peers venv: argv = batch, context, deep layer, repeats, GGUF file. Prints
-# one JSON line.
+# Runs in the peers venv: argv = batch, context, deep layer, repeats, GGUF file, dtype.
+# Prints one JSON line.
 HF_SCRIPT = r'''
 import json, os, sys, time
 import pydoc_data.topics as tp
@@ -45,7 +46,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 B, T, deep, repeats = (int(a) for a in sys.argv[1:5])
 d, f = os.path.split(sys.argv[5])
 tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, torch_dtype=torch.float32).eval()
+dtype = getattr(torch, sys.argv[6])
+model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, torch_dtype=dtype).eval()
 text = "".join(tp.topics[k] for k in sorted(tp.topics))
 ids = tok(text, return_tensors="pt").input_ids[:, :B * T].reshape(B, T)
 base = model.model
@@ -90,7 +92,7 @@ def run_transformers(args, deep_layer):
     f.write(HF_SCRIPT)
   try:
     proc = subprocess.run([PEERS_PYTHON, f.name, str(args.batch), str(args.context),
-                           str(deep_layer), str(args.repeats), fetch.default_gguf_path()],
+                           str(deep_layer), str(args.repeats), fetch.default_gguf_path(), args.dtype],
                           capture_output=True, text=True, check=False)
   finally:
     os.unlink(f.name)
@@ -135,7 +137,7 @@ def main():
         if hf:
           theirs.append(hf)
           print(f'[round {r}, load {os.getloadavg()[0]:.1f}] transformers forward '
-                f'(output_hidden_states, torch {hf["torch"]}, {hf["threads"]} threads): '
+                f'({args.dtype}, output_hidden_states, torch {hf["torch"]}, {hf["threads"]} threads): '
                 f'full {hf["full"]:.0f} tok/s, cut after block {deep_layer} {hf["deep"]:.0f} tok/s')
   print('--- medians over rounds ---')
   for name, site in cases.items():
