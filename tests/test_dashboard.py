@@ -34,7 +34,7 @@ def test_token_bucket_is_fnv1a():
 
 
 def test_dashboard_in_headless_chromium(tiny_feature_run, tmp_path):
-  sync_api = pytest.importorskip('playwright.sync_api', reason='the test extra installs it')
+  from playwright import sync_api  # pylint: disable=g-import-not-at-top (the test extra)
   stats_dir = features.compute_statistics(
       tiny_feature_run, out=str(tmp_path / 'features'),
       options=features.Options(batch_size=512, contexts_top=4, contexts_per_quantile=2,
