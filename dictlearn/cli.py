@@ -288,6 +288,17 @@ class ArgumentParser(argparse.ArgumentParser):
     sys.exit(2)
 
 
+def as_flags(args: argparse.Namespace, *, skip: Sequence[str] = ()) -> list[str]:
+  """Parsed arguments back into a command line (for a tool that reruns itself in a
+  child process): `--name=value`, a switch as `--name` when set, None left out."""
+  out = []
+  for name, value in vars(args).items():
+    if name in skip or value is None or value is False:
+      continue
+    out.append(f'--{name}' if value is True else f'--{name}={value}')
+  return out
+
+
 def run_tool(main: Callable[[argparse.Namespace], Optional[int]], parser: ArgumentParser,
              argv=None, *, log_dir: Callable[[argparse.Namespace], Optional[str]] = None) -> int:
   """Parses `argv` with `parser`, sets up logging, runs `main(args)`; returns the status.

@@ -3,6 +3,7 @@
 Also the portable run records: a workdir moved with its data still resumes and
 evaluates, from another current directory.
 """
+import argparse
 import json
 import os
 import shutil
@@ -103,3 +104,10 @@ def test_internal_errors_name_their_type_and_the_log(tmp_path, capsys):
   assert err.strip() == f'error: internal error (TypeError: a bug) (traceback in {path})'
   assert 'Traceback' in (tmp_path / 'log.txt').read_text()
   logs.setup(None)  # the console handler only, as before
+
+
+def test_as_flags_turns_parsed_arguments_back_into_a_command_line():
+  args = argparse.Namespace(n_latents=4096, dtype='bfloat16', verbose=True, dry_run=False,
+                            store=None, child=True)
+  assert cli.as_flags(args, skip=('child',)) == ['--n_latents=4096', '--dtype=bfloat16',
+                                                  '--verbose']

@@ -102,13 +102,8 @@ def statistics_child(args):
 
 
 def run_child(args):
-  flags = []
-  for k, v in vars(args).items():
-    if isinstance(v, bool):  # switches (--verbose) take no value
-      flags += [f'--{k}'] if v and k != 'child' else []
-    elif v is not None:
-      flags.append(f'--{k}={v}')
-  cmd = [sys.executable, os.path.abspath(__file__), '--child'] + flags
+  cmd = [sys.executable, os.path.abspath(__file__), '--child'] + cli.as_flags(
+      args, skip=('child',))
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
   lines = [l for l in proc.stdout.splitlines() if l.startswith('{')]
   if proc.returncode or not lines:

@@ -149,8 +149,8 @@ def child(mode, args) -> dict:
   if mode == 'shards':
     env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
                         f' --xla_force_host_platform_device_count={args.devices}').strip()
-  cmd = [sys.executable, os.path.abspath(__file__), f'--child={mode}'] + [
-      f'--{k}={v}' for k, v in vars(args).items() if k != 'child']
+  cmd = [sys.executable, os.path.abspath(__file__), f'--child={mode}'] + cli.as_flags(
+      args, skip=('child',))
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
   lines = [l for l in proc.stdout.splitlines() if l.startswith('{')]
   if proc.returncode or not lines:
