@@ -1,7 +1,7 @@
 """dictlearn's cache directory: the fetched model file and generated corpus text.
 
 $DICTLEARN_CACHE when set, else ~/.cache/dictlearn. Everything in it can be
-made again (`python -m dictlearn.lm.fetch`, the corpus's generation).
+made again (`python -m dictlearn.fetch`, the corpus's generation).
 """
 import os
 

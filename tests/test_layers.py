@@ -16,7 +16,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # The layers, bottom up (DESIGN.md, "Dependencies point one way").
 LAYERS = {
     # utilities every layer may use
-    'cache': 0, 'host_memory': 0, 'logs': 0, 'sharding': 0, 'distributed': 0,
+    'cache': 0, 'files': 0, 'host_memory': 0, 'logs': 0, 'sharding': 0, 'distributed': 0,
     'cli': 1,  # command-line parsing and one-line errors (uses logs)
     'fetch': 2,  # the bundled model file (a command of its own)
     # the three foundations, which know nothing of each other or of training

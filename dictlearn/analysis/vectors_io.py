@@ -17,7 +17,6 @@ model at hand, that the file was made with the same model (name, shape, and the
 file's SHA-256 when both sides know it); each mismatch is an error naming the
 field, what the file holds and what was expected.
 """
-import hashlib
 import json
 import os
 from typing import Any, Mapping, NamedTuple, Optional
@@ -26,6 +25,7 @@ import numpy as np
 from safetensors import numpy as st_numpy
 import safetensors
 
+from dictlearn import files
 from dictlearn.lm import llama
 
 FORMAT = 'dictlearn.vectors'
@@ -41,15 +41,6 @@ class SavedVectors(NamedTuple):
   provenance: dict
 
 
-def file_sha256(path: str) -> str:
-  """Hex SHA-256 of a file, read in 1 MiB blocks."""
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 20), b''):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def model_identity(cfg: llama.LlamaConfig, path: Optional[str] = None) -> dict:
   """What names a model in a vector file: its config's name and shape, and its file.
 
@@ -61,7 +52,7 @@ def model_identity(cfg: llama.LlamaConfig, path: Optional[str] = None) -> dict:
   identity = {'name': cfg.name, 'n_layers': cfg.n_layers, 'd_model': cfg.d_model,
               'vocab_size': cfg.vocab_size}
   if path is not None and os.path.isfile(path):
-    identity.update(file=os.path.basename(path), sha256=file_sha256(path))
+    identity.update(file=os.path.basename(path), sha256=files.sha256(path))
   return identity
 
 

@@ -13,12 +13,13 @@ the last place (int8), or the array itself when that does not fit. It is used
 only while the weights file is the one it was written for (its SHA-256 is
 recorded in the export's config); the peers ignore it.
 """
-import hashlib
 import logging
 import os
 
 import numpy as np
 from safetensors import numpy as safetensors_np
+
+from dictlearn import files
 
 EXACT_FILE = 'dictlearn_exact.safetensors'
 _ULP = '.ulp'  # key suffix of a residual stored in units in the last place
@@ -84,14 +85,6 @@ def apply_residual(recovered: dict, residual: dict) -> dict:
   return out
 
 
-def file_sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 24), b''):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def write_exact(directory: str, weights_file: str, original: dict, recovered: dict) -> dict:
   """Writes EXACT_FILE into `directory` when needed; returns the block's 'exact' entry."""
   residual = exact_residual(original, recovered)
@@ -99,7 +92,7 @@ def write_exact(directory: str, weights_file: str, original: dict, recovered: di
     safetensors_np.save_file({k: np.ascontiguousarray(v) for k, v in residual.items()},
                              os.path.join(directory, EXACT_FILE))
   return {'file': EXACT_FILE if residual else None,
-          'weights_sha256': file_sha256(os.path.join(directory, weights_file))}
+          'weights_sha256': files.sha256(os.path.join(directory, weights_file))}
 
 
 def read_exact(directory: str, weights_file: str, exact: dict, recovered: dict) -> dict:
@@ -111,7 +104,7 @@ def read_exact(directory: str, weights_file: str, exact: dict, recovered: dict) 
     logging.warning('%s is missing: the import is exact only up to the rounding of the '
                     'activation scale folded into the weights', path)
     return recovered
-  if file_sha256(os.path.join(directory, weights_file)) != exact['weights_sha256']:
+  if files.sha256(os.path.join(directory, weights_file)) != exact['weights_sha256']:
     logging.warning('%s changed since dictlearn exported it: %s is ignored and the weights '
                     'are read as they are now', weights_file, exact['file'])
     return recovered

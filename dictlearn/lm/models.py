@@ -15,6 +15,7 @@ import re
 
 import jax.numpy as jnp
 
+from dictlearn import files
 from dictlearn.fetch import default_gguf_path
 from dictlearn.lm import gguf, hf
 from dictlearn.lm.llama import LlamaConfig
@@ -90,14 +91,7 @@ def model_identity(path: str) -> dict:
 
 def model_sha256(path: str) -> str:
   """SHA-256 of a model file; of a directory, over each file's name and SHA-256."""
-  def file_sha256(f):
-    digest = hashlib.sha256()
-    with open(f, 'rb') as stream:
-      for block in iter(lambda: stream.read(1 << 22), b''):
-        digest.update(block)
-    return digest.hexdigest()
-
   if not os.path.isdir(path):
-    return file_sha256(path)
-  lines = [f'{os.path.relpath(f, path)} {file_sha256(f)}\n' for f in model_files(path)]
+    return files.sha256(path)
+  lines = [f'{os.path.relpath(f, path)} {files.sha256(f)}\n' for f in model_files(path)]
   return hashlib.sha256(''.join(lines).encode()).hexdigest()
