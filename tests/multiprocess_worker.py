@@ -24,20 +24,6 @@ import shutil
 import sys
 
 
-def tiny_config(**overrides):
-  from experiments import tiny  # pylint: disable=import-outside-toplevel
-  config = tiny.get_config()
-  config.unlock()
-  for dotted, value in overrides.items():
-    *path, leaf = dotted.split('.')
-    node = config
-    for part in path:
-      node = node[part]
-    node[leaf] = value
-  config.lock()
-  return config
-
-
 TRAIN = {'train.num_steps': 20, 'train.log_every': 1, 'mesh.shape': (2, 4)}
 
 
@@ -58,6 +44,7 @@ def main():
   from dictlearn.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   from dictlearn.train.trainer import train_and_evaluate  # pylint: disable=import-outside-toplevel
   from experiments import base, harvest_smollm2  # pylint: disable=import-outside-toplevel
+  from test_train import tiny_config  # pylint: disable=import-outside-toplevel
 
   d = base.distributed_config()
   d.coordinator_address = f'localhost:{args.port}'

@@ -7,7 +7,7 @@ from dictlearn.train import checkpoint as ckpt_lib
 from dictlearn.train import group as group_lib
 from dictlearn.train import metrics as metrics_lib
 from dictlearn.train.trainer import train_and_evaluate
-from experiments import tiny
+from test_train import tiny_config  # pylint: disable=g-bad-import-order
 
 # Three runs that share the data order but not their shape, k or learning rate.
 MEMBERS = ({'sae.n_latents': 128}, {'sae.n_latents': 64, 'sae.k': 2},
@@ -15,17 +15,8 @@ MEMBERS = ({'sae.n_latents': 128}, {'sae.n_latents': 64, 'sae.k': 2},
 
 
 def config(**overrides):
-  c = tiny.get_config()
-  c.unlock()
-  for dotted, value in {'train.num_steps': 16, 'train.log_every': 1,
-                        'train.checkpoint_every': 100, **overrides}.items():
-    *path, leaf = dotted.split('.')
-    node = c
-    for part in path:
-      node = node[part]
-    node[leaf] = value
-  c.lock()
-  return c
+  return tiny_config(**{'train.num_steps': 16, 'train.log_every': 1,
+                        'train.checkpoint_every': 100, **overrides})
 
 
 def state(workdir):

@@ -31,6 +31,7 @@ from dictlearn.train import metrics as metrics_lib
 from dictlearn.train.trainer import train_and_evaluate
 from experiments import harvest_smollm2
 import multiprocess_worker  # tests/multiprocess_worker.py
+from test_train import tiny_config
 import tiny_lm  # tests/tiny_lm.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,7 +115,7 @@ def scenarios_done(two_processes):
 def test_two_processes_train_like_one_with_eight_devices(two_processes, scenarios_done, tmp_path):
   out = scenarios_done
   # The reference: this process, 8 fake devices, the same (2, 4) mesh.
-  train_and_evaluate(multiprocess_worker.tiny_config(**multiprocess_worker.TRAIN),
+  train_and_evaluate(tiny_config(**multiprocess_worker.TRAIN),
                      str(tmp_path / 'one'))
   one, two = losses(tmp_path / 'one'), losses(out / 'full')
   assert len(one) == len(two) == 20
@@ -166,12 +167,12 @@ def test_two_process_checkpoint_resumes_in_one_process(scenarios_done, tmp_path)
   import shutil  # pylint: disable=import-outside-toplevel
   stopped = tmp_path / 'stopped'
   shutil.copytree(out / 'stopped', stopped)
-  too_big = multiprocess_worker.tiny_config(**dict(multiprocess_worker.TRAIN,
+  too_big = tiny_config(**dict(multiprocess_worker.TRAIN,
                                                    **{'mesh.shape': (4, 4)}))
   with pytest.raises(ValueError, match=r"needs 16 devices; 8 are available; the checkpoint at "
                      r"step 10 .* was written on mesh \{'data': 2, 'model': 4\}"):
     train_and_evaluate(too_big, str(stopped))
-  one = multiprocess_worker.tiny_config(**dict(multiprocess_worker.TRAIN, **{'mesh.shape': (8, 1)}))
+  one = tiny_config(**dict(multiprocess_worker.TRAIN, **{'mesh.shape': (8, 1)}))
   summary = train_and_evaluate(one, str(stopped))
   assert summary['step'] == 20
   reference = leaves(final_state(out / 'full'))
