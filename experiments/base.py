@@ -37,12 +37,16 @@ def get_config(arg=None):
   c.sae.architecture = 'topk'  # one of relu_l1, topk, batchtopk, jumprelu
   c.sae.n_latents = 4096  # dictionary size
   c.sae.k = 32  # active latents per token (topk, batchtopk: k * batch across the batch)
-  c.sae.aux_k = 256  # dead latents used by the AuxK loss (topk, batchtopk); 0 disables it
+  c.sae.aux_k = 256  # dead latents used by the AuxK loss (topk, batchtopk, jumprelu's gemma_scope_auxk); 0 disables it
   c.sae.aux_k_coefficient = 1.0 / 32  # weight of the AuxK loss (OpenAI: 1/32)
   c.sae.dead_tokens_threshold = 10_000_000  # a latent unfired for this many tokens counts as dead
   c.sae.dense_threshold = 0.1  # a latent firing on more than this fraction of tokens counts as dense
   c.sae.sparsity_coefficient = 5.0  # final L1 (relu_l1) or L0 (jumprelu) penalty coefficient
   c.sae.sparsity_warmup_fraction = 0.05  # fraction of training over which the penalty rises linearly from 0
+  # 'gemma_scope': Lieberum et al. 2024 as published (L0 penalty with straight-through
+  # thresholds, unit decoder rows); 'gemma_scope_auxk': the same plus Gao et al.'s AuxK on
+  # dead latents (aux_k, aux_k_coefficient, dead_tokens_threshold). See dictlearn/sae/jumprelu.py.
+  c.sae.jumprelu_recipe = 'gemma_scope'
   c.sae.jumprelu_threshold_init = 0.001  # initial JumpReLU threshold
   c.sae.jumprelu_bandwidth = 0.001  # width of the rectangle kernel of the threshold pseudo-derivative
   c.sae.batchtopk_threshold_momentum = 0.99  # EMA momentum of the inference threshold learned by batchtopk

@@ -98,8 +98,8 @@ def _relu_l1_ref(cfg, p, x, coef, dead):
 
 
 def _jumprelu_ref(cfg, p, x, coef, dead):
-  """JumpReLU with straight-through estimators written with stop_gradient."""
-  del dead
+  """JumpReLU with straight-through estimators written with stop_gradient (and
+  AuxK on the dead latents for the gemma_scope_auxk recipe)."""
   eps = cfg.jumprelu_bandwidth
   z = x @ p['W_enc'] + p['b_enc']
   theta = jnp.exp(p['log_threshold'])
@@ -112,7 +112,10 @@ def _jumprelu_ref(cfg, p, x, coef, dead):
   pseudo_h = -theta * lax.stop_gradient(kernel / eps)
   h = lax.stop_gradient(on) + pseudo_h - lax.stop_gradient(pseudo_h)
   x_hat = f @ p['W_dec'] + p['b_dec']
-  return _mse(x, x_hat) + coef * jnp.sum(h) / x.shape[0]
+  loss = _mse(x, x_hat) + coef * jnp.sum(h) / x.shape[0]
+  if cfg.jumprelu_recipe == 'gemma_scope_auxk':
+    loss += cfg.aux_k_coefficient * _aux_ref(cfg, p, z, x - x_hat, dead)
+  return loss
 
 
 REFERENCES = {'topk': _topk_ref, 'batchtopk': _batchtopk_ref, 'relu_l1': _relu_l1_ref,
@@ -151,6 +154,15 @@ def test_bad_config_raises(field, value):
   with pytest.raises(ValueError, match=field):
     sae_lib.make_sae(_cfg('topk' if field != 'sparse_capacity' else 'relu_l1',
                           **{field: value}), D)
+
+
+@pytest.mark.parametrize('overrides,match', [
+    ({'jumprelu_recipe': 'anthropic'}, "jumprelu_recipe='anthropic'.*gemma_scope_auxk"),
+    ({'jumprelu_recipe': 'gemma_scope_auxk', 'aux_k': 0}, 'aux_k=0'),
+])
+def test_bad_jumprelu_recipe_raises(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    sae_lib.make_sae(_cfg('jumprelu', **overrides), D)
 
 
 @pytest.mark.parametrize('arch', ARCHS)
@@ -223,6 +235,12 @@ def test_bfloat16(arch, capacity):
     ('jumprelu', {'sparse_capacity': 0, 'jumprelu_bandwidth': 0.5}),
     ('jumprelu', {'sparse_capacity': 48, 'jumprelu_bandwidth': 0.5}),
     ('jumprelu', {'sparse_capacity': 4, 'jumprelu_bandwidth': 0.5}),
+    # AuxK on the 26 dead latents: densely, and (more dead than aux_dense_cap = 16)
+    # by the dense fallback of the sparse path.
+    ('jumprelu', {'sparse_capacity': 0, 'jumprelu_bandwidth': 0.5,
+                  'jumprelu_recipe': 'gemma_scope_auxk', 'aux_k_coefficient': 0.5}),
+    ('jumprelu', {'sparse_capacity': 48, 'jumprelu_bandwidth': 0.5,
+                  'jumprelu_recipe': 'gemma_scope_auxk', 'aux_k_coefficient': 0.5}),
 ])
 def test_gradients_match_dense_reference(arch, overrides):
   cfg = _cfg(arch, **overrides)
@@ -237,16 +255,26 @@ def test_gradients_match_dense_reference(arch, overrides):
   capacity = overrides.get('sparse_capacity', 0)
   if arch in ('relu_l1', 'jumprelu') and capacity:
     assert bool(out.metrics['overflow']) == (capacity < 10), out.metrics
+  if overrides.get('jumprelu_recipe') == 'gemma_scope_auxk':
+    assert float(out.metrics['aux_k']) > 0 and float(out.metrics['n_dead']) == 26
   if arch == 'jumprelu':  # the threshold learns through the pseudo-derivative
     assert np.count_nonzero(grads['log_threshold']) > N // 4
 
 
-@pytest.mark.parametrize('arch', ['topk', 'batchtopk'])
-def test_aux_k_zero_without_dead_latents(arch):
-  cfg = _cfg(arch)
+@pytest.mark.parametrize('arch,overrides', [
+    ('topk', {}), ('batchtopk', {}),
+    ('jumprelu', {'jumprelu_recipe': 'gemma_scope_auxk', 'jumprelu_bandwidth': 0.5}),
+    # the sparse path's dense AuxK over the gathered dead latents
+    ('jumprelu', {'jumprelu_recipe': 'gemma_scope_auxk', 'jumprelu_bandwidth': 0.5,
+                  'sparse_capacity': 48}),
+])
+def test_aux_k_zero_without_dead_latents(arch, overrides):
+  cfg = _cfg(arch, **overrides)
   sae = sae_lib.make_sae(cfg, D)
   params, buffers = _perturbed_params(sae)
   x = _data()
+  if arch == 'jumprelu':  # a few active per token, as in training
+    params['log_threshold'] = jnp.log(jnp.quantile(jnp.abs(x @ params['W_enc']), 0.8, axis=0))
   (_, out), _ = _loss_and_grad(sae, params, buffers, x, 0.0, jnp.zeros(N, bool))
   assert float(out.metrics['aux_k']) == 0.0
   # Fewer dead than aux_k (scaled by 3 / aux_k), then at most the dense cap
@@ -255,6 +283,8 @@ def test_aux_k_zero_without_dead_latents(arch):
     (loss, out), grads = _loss_and_grad(sae, params, buffers, x, 0.0, dead)
     assert float(out.metrics['aux_k']) > 0.0
     _close(loss, out.metrics['mse'] + cfg.aux_k_coefficient * out.metrics['aux_k'])
+    if overrides.get('sparse_capacity'):
+      assert float(out.metrics['overflow']) == 0.0  # the sparse branch ran
     _check_against_reference(cfg, params, buffers, x, 0.0, dead)
 
 

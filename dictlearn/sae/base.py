@@ -349,10 +349,20 @@ class CapacitySAE(SparseAutoencoder):
     selection = self._select_positive(x, params['W_enc'], params['b_enc'], threshold, margin)
     sparse_loss = as_value(lambda p: self._sparse_loss(p, x, selection, sparsity_coefficient,
                                                        dead_mask))
-    (_, out), g = cond_value_and_grads(selection.overflow, dense, sparse_loss, params,
+    use_dense = selection.overflow
+    required = self._dense_required(dead_mask)
+    if required is not None:
+      use_dense = use_dense | required
+    (_, out), g = cond_value_and_grads(use_dense, dense, sparse_loss, params,
                                        grads=grads, remat_true=True)
     return out._replace(metrics=dict(out.metrics,
                                      overflow=selection.overflow.astype(jnp.float32))), g
+
+  def _dense_required(self, dead_mask):
+    """A bool scalar: the batch must run `_dense_loss` whatever the selection
+    holds (None: never), e.g. when the sparse path cannot serve an auxiliary term."""
+    del dead_mask
+    return None
 
   def _check_capacity(self):
     """Validates sparse_capacity for the ReLU-family architectures (0 <= C <= n)."""

@@ -63,7 +63,7 @@ def _dead_first(dead_mask):
   return jnp.zeros_like(latents).at[pos].set(latents, unique_indices=True)
 
 
-def _aux_reconstruction_dense(sae, params, x_in, dead_mask, cap):
+def aux_reconstruction_dense(sae, params, x_in, dead_mask, cap):
   """e_hat from the top aux_k dead latents, densely over `cap` gathered latents.
 
   The dead latents, then the live ones, are gathered in index order and the
@@ -110,6 +110,12 @@ def _with_b_dec_grad_bwd(res, g):
 _with_b_dec_grad.defvjp(_with_b_dec_grad_fwd, _with_b_dec_grad_bwd)
 
 
+def aux_k_loss(sae, e_hat, err, n_dead):
+  """AuxK's loss: min(n_dead / aux_k, 1) * sum ||e_hat - err||^2 / B, err held fixed."""
+  diff = e_hat - lax.stop_gradient(err)
+  return jnp.minimum(n_dead / sae.cfg.aux_k, 1.0) * jnp.sum(diff * diff) / err.shape[0]
+
+
 def _aux_branches(sae, x, aux_selection, err, dead_mask):
   """The AuxK loss as functions of the parameters, and which one applies.
 
@@ -122,17 +128,12 @@ def _aux_branches(sae, x, aux_selection, err, dead_mask):
     over d, mean over batch units); branches[0] is the zero of "nothing dead".
   """
   n_dead = jnp.sum(dead_mask.astype(jnp.float32))
-  scale = jnp.minimum(n_dead / sae.cfg.aux_k, 1.0)
-  err = lax.stop_gradient(err)
   cap = aux_dense_cap(sae)
-
-  def loss(e_hat):
-    diff = e_hat - err
-    return scale * jnp.sum(diff * diff) / err.shape[0]
+  loss = lambda e_hat: aux_k_loss(sae, e_hat, err, n_dead)
 
   def dense(params):
     x_in, _ = sae.encoder_inputs(params, x)
-    return loss(_aux_reconstruction_dense(sae, params, x_in, dead_mask, cap))
+    return loss(aux_reconstruction_dense(sae, params, x_in, dead_mask, cap))
 
   def sparse_aux(params):
     x_in, b_enc = sae.encoder_inputs(params, x)
