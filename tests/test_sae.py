@@ -382,15 +382,21 @@ def test_init_b_dec_geometric_median():
 def test_sharded_forward_matches_unsharded():
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ('data', 'model'))
   rules = {'embed': None, 'latent': 'model'}
+  auxk = {'jumprelu_recipe': 'gemma_scope_auxk', 'jumprelu_bandwidth': 0.5}
   cases = [('topk', {}), ('jumprelu', {'sparse_capacity': 48}),
-           ('relu_l1', {'sparse_capacity': 64}), ('batchtopk', {'sparse_capacity': 12})]
+           ('relu_l1', {'sparse_capacity': 64}), ('batchtopk', {'sparse_capacity': 12}),
+           ('jumprelu', dict(auxk, sparse_capacity=0)), ('jumprelu', dict(auxk, sparse_capacity=48))]
   for arch, overrides in cases:
     cfg = _cfg(arch, **overrides)
     sae = sae_lib.make_sae(cfg, D)
     params, buffers = _perturbed_params(sae)
-    # topk, batchtopk: dense AuxK over few dead latents; others: the sparse AuxK path.
+    # AuxK (topk, batchtopk, jumprelu's auxk recipe) over 10 dead latents, densely
+    # over the gathered ones; the others have no AuxK.
     x = _data()
-    dead = (jnp.arange(N) < 10) if arch in ('topk', 'batchtopk') else (jnp.arange(N) % 5 == 0)
+    with_aux = arch in ('topk', 'batchtopk') or 'jumprelu_recipe' in overrides
+    dead = (jnp.arange(N) < 10) if with_aux else (jnp.arange(N) % 5 == 0)
+    if 'jumprelu_recipe' in overrides:  # a few active per token: the sparse branch
+      params['log_threshold'] = jnp.log(jnp.quantile(jnp.abs(x @ params['W_enc']), 0.8, axis=0))
     if arch == 'batchtopk':  # a floor from a first batch: the floor path
       buffers = sae.forward(params, buffers, x, sparsity_coefficient=0.1, dead_mask=dead).buffers
     axes, _ = sae.logical_axes()
