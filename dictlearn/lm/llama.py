@@ -306,14 +306,18 @@ def _attend(cfg: LlamaConfig, q, k, v, mask):
   n_kv, groups, s = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, k.shape[2]
   # Query head h uses key/value head h // groups (Hugging Face repeat_kv order).
   # The queries of one kv head are stacked into one matrix, (groups * seq, head_dim):
-  # a few large batched matmuls run much faster on CPU than many small ones.
-  q = q.reshape(b, t, n_kv, groups, hd).transpose(0, 2, 3, 1, 4).reshape(b, n_kv, groups * t, hd)
-  scores = jnp.einsum('bkqd,bksd->bkqs', q, k, preferred_element_type=jnp.float32)
+  # a few large batched matmuls run much faster on CPU than many small ones. Batch
+  # and kv head are one batch dimension: XLA's CPU backend runs a bfloat16 product
+  # with two batch dimensions on float32 copies of its operands (the forward's
+  # attention took 2.2x as long; BUILD_NOTES "Harvest").
+  n = b * n_kv
+  q = q.reshape(b, t, n_kv, groups, hd).transpose(0, 2, 3, 1, 4).reshape(n, groups * t, hd)
+  scores = jnp.einsum('nqd,nsd->nqs', q, k.reshape(n, s, hd), preferred_element_type=jnp.float32)
   scores = scores.reshape(b, n_kv, groups, t, s) * (hd ** -0.5)
   # A fully masked row (a padding query) gets uniform weights, not NaN.
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, n_kv, groups * t, s)
-  out = _matmul('bkqs,bksd->bkqd', probs, v)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(n, groups * t, s)
+  out = _matmul('nqs,nsd->nqd', probs, v.reshape(n, s, hd))
   return out.reshape(b, n_kv, groups, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, -1, hd)
 
 
