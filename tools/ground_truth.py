@@ -9,7 +9,6 @@ a Markdown table: recovered fraction (true directions matched by a decoder row
 at cosine >= 0.9), held-out FVU, L0, dead fraction and wall time. `--set`
 overrides a field of every recipe (for trying settings). Not a test.
 """
-import ast
 import os
 import tempfile
 import time
@@ -17,35 +16,18 @@ import time
 import jax
 
 from dictlearn import cli
+from dictlearn.scaling import sweep
 synthetic = cli.experiment('synthetic')
 
 
-def _override(config, assignment):
-  dotted, sep, text = assignment.partition('=')
-  if not sep:
-    raise cli.UsageError(f'--set expects section.field=value, got {assignment!r}')
-  try:
-    value = ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    value = text
-  *path, field = dotted.split('.')
-  section = config
-  try:
-    for name in path:
-      section = section[name]
-    section[field] = value
-  except (KeyError, AttributeError, TypeError) as e:
-    raise cli.UsageError(f'--set {assignment!r}: {e}') from e
-
-
-def run_one(arch, seed, workdir, assignments):
+def run_one(arch, seed, workdir, overrides):
   """(eval dict, steps, seconds) of one recipe trained in `workdir`."""
   from dictlearn.train.trainer import train_and_evaluate
-  config = synthetic.recipe_config(arch)
-  config.mesh.shape = (1, 1)
-  config.seed = seed
-  for assignment in assignments:
-    _override(config, assignment)
+  try:
+    config = sweep.apply_overrides(synthetic.recipe_config(arch), overrides)
+  except (KeyError, ValueError, TypeError) as e:
+    raise cli.UsageError(f'--set: {e}') from e
+  config = sweep.apply_overrides(config, {'mesh.shape': (1, 1), 'seed': seed})
   start = time.perf_counter()
   summary = train_and_evaluate(config, workdir)
   return summary['eval'], config.train.num_steps, time.perf_counter() - start
@@ -60,12 +42,16 @@ def main():
   parser.add_argument('--set', dest='assignments', action='append', default=[],
                       metavar='section.field=value')
   args = parser.parse_args()
+  try:
+    overrides = sweep.parse_overrides(args.assignments)
+  except ValueError as e:
+    raise cli.UsageError(str(e)) from e
   print(f'jax {jax.__version__} on {jax.devices()[0].device_kind}; seed {args.seed}')
   rows = []
   with tempfile.TemporaryDirectory() as scratch:
     for arch in args.arch:
       workdir = os.path.join(args.workdir or scratch, arch)
-      evaluation, steps, seconds = run_one(arch, args.seed, workdir, args.assignments)
+      evaluation, steps, seconds = run_one(arch, args.seed, workdir, overrides)
       rows.append((arch, steps, evaluation, seconds))
       print(f"{arch}: recovered {evaluation['recovered_fraction']:.3f} in {seconds:.0f} s",
             flush=True)
