@@ -308,8 +308,8 @@ def _attend(cfg: LlamaConfig, q, k, v, mask):
   # The queries of one kv head are stacked into one matrix, (groups * seq, head_dim):
   # a few large batched matmuls run much faster on CPU than many small ones. Batch
   # and kv head are one batch dimension: XLA's CPU backend runs a bfloat16 product
-  # with two batch dimensions on float32 copies of its operands (the forward's
-  # attention took 2.2x as long; BUILD_NOTES "Harvest").
+  # with two batch dimensions on float32 copies of its operands (with one, the
+  # bfloat16 forward is 1.16x faster; BUILD_NOTES "Harvest").
   n = b * n_kv
   q = q.reshape(b, t, n_kv, groups, hd).transpose(0, 2, 3, 1, 4).reshape(n, groups * t, hd)
   scores = jnp.einsum('nqd,nsd->nqs', q, k.reshape(n, s, hd), preferred_element_type=jnp.float32)
