@@ -64,3 +64,18 @@ def test_every_tool_loads_as_a_script_from_another_directory(tmp_path):
   result = subprocess.run([sys.executable, '-c', LOAD_TOOLS] + tools, cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_profile_step_attributes_the_step_to_primitives():
+  """tools/profile_step.py reads XLA's trace back: the encoder product, the top-k
+  (a custom call with a tuple result) and the sparse scatter-adds each get time."""
+  text = run(['tools/profile_step.py', '--arch', 'topk', '--shape', '16x1024', '--batch', '256',
+              '--k', '4', '--steps', '2', '--top', '50'])
+  assert 'ms per step untraced' in text and 'busy' in text
+  table = text.split('primitive')[1].split('XLA op')[0].strip().splitlines()[1:]
+  primitives = {name.strip(): float(ms) for name, ms in (line.rsplit(None, 1) for line in table)}
+  for name in ('dot_general', 'top_k', 'scatter-add'):
+    assert primitives.get(name, 0) > 0, text
+  bad = subprocess.run([sys.executable, 'tools/profile_step.py', '--shape', '576by16'], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2 and '--shape must be DxN' in bad.stderr

@@ -111,6 +111,9 @@ def make_step_runner(arch: str, d: int, n: int, batch: int, k: int, regime: str,
     return statistics.median(times), metrics
 
   run(2)  # compile, and let the sparse paths see the state they will be timed on
+  # For tools/profile_step.py: the compiled step and its current inputs.
+  run.step = step
+  run.inputs = lambda: (box['state'], x)
   return run
 
 
