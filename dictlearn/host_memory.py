@@ -29,6 +29,14 @@ _M_ARENA_MAX = -8
 _done = False
 
 
+def _libc():
+  """The C library, or None where it cannot be loaded."""
+  try:
+    return ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+  except OSError:
+    return None
+
+
 def keep_freed_memory() -> bool:
   """Makes glibc keep freed memory for reuse (see the module docstring).
 
@@ -40,10 +48,8 @@ def keep_freed_memory() -> bool:
     return True
   if not sys.platform.startswith('linux'):
     return False
-  try:
-    libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
-    mallopt = libc.mallopt
-  except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+  mallopt = getattr(_libc(), 'mallopt', None)
+  if mallopt is None:  # not glibc (musl has no mallopt)
     log.debug('no mallopt in the C library: freed memory goes back to the OS')
     return False
   mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
@@ -58,3 +64,26 @@ def keep_freed_memory() -> bool:
   _done = ok
   log.debug('glibc malloc keeps freed memory: %s', ok)
   return ok
+
+
+def release_freed_memory() -> bool:
+  """Gives the heap's free pages back to the OS now (glibc's malloc_trim(0)).
+
+  With `keep_freed_memory` the resident memory stays at the largest the
+  process has needed so far, and holes left between live blocks can make it
+  grow past that. A process that runs several jobs of different shapes one
+  after the other (tools/bench_train.py builds a step for every architecture,
+  then starts the peers' processes beside itself) calls this between them;
+  the next step faults the pages it needs in again.
+
+  Returns:
+    True when glibc's malloc_trim ran, else False.
+  """
+  if not sys.platform.startswith('linux'):
+    return False
+  trim = getattr(_libc(), 'malloc_trim', None)
+  if trim is None:
+    return False
+  trim.argtypes = [ctypes.c_size_t]
+  trim(0)
+  return True

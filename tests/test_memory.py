@@ -117,3 +117,33 @@ def test_adam_moments_in_bfloat16_follow_float32_adam():
   np.testing.assert_allclose(runs['float32'], p['w'], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(runs['bfloat16'], p['w'], atol=2e-2)
   assert float(loss({'w': runs['bfloat16']})) < 0.7 * float(loss(params))
+
+
+HOST_MEMORY = r'''
+import resource, sys
+from dictlearn import host_memory
+
+def rss_mib():
+  with open('/proc/self/statm') as f:
+    return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+assert host_memory.keep_freed_memory()
+blocks = [bytearray(1 << 20) for _ in range(300)]  # 300 MiB of 1 MiB blocks, touched
+del blocks
+kept = rss_mib()
+assert host_memory.release_freed_memory()
+print(kept, rss_mib())
+'''
+
+
+@pytest.mark.skipif(not __import__('sys').platform.startswith('linux'), reason='glibc only')
+def test_freed_memory_is_kept_then_released():
+  """keep_freed_memory keeps freed blocks resident (the next step reuses them);
+  release_freed_memory gives them back (tools/bench_train.py between jobs)."""
+  import subprocess
+  import sys
+  out = subprocess.run([sys.executable, '-c', HOST_MEMORY], capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  kept, released = (float(v) for v in out.stdout.split())
+  assert kept > 300 and released < kept - 250, (kept, released)
