@@ -10,8 +10,8 @@ step) gets its exclusive time per step (its own time less the ops nested in
 it, such as a loop's body), the JAX primitive it came from (the op's
 `op_name` metadata in the compiled HLO) and the shape it produces. Printed:
 
-  * wall time per step, and each XLA worker thread's busy time per step
-    (two threads busy for the whole step = both cores used);
+  * wall time per step, and on the CPU each XLA worker thread's busy time per
+    step (two threads busy for the whole step = both cores used);
   * time by primitive (dot_general, scatter-add, gather, top_k, ...);
   * the --top ops.
 
@@ -22,14 +22,12 @@ import collections
 import glob
 import os
 import re
-import statistics
 import tempfile
 import time
 
 import jax
 
 from dictlearn import cli
-from dictlearn import host_memory
 import bench_train
 
 
@@ -87,7 +85,6 @@ def main():
     parser.error(f'--shape must be DxN (for instance 576x16384), got {args.shape!r}')
   if args.steps < 1:
     parser.error(f'--steps must be at least 1, got {args.steps}')
-  host_memory.keep_freed_memory()
   run = bench_train.make_step_runner(args.arch, d, n, args.batch, args.k, 'init', args.dtype)
   origins = op_origins(run.step.lower(*run.inputs()).compile().as_text())
   wall, _ = run(3)
