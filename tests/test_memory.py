@@ -2,6 +2,8 @@
 optimizer moments stored in bfloat16 (tools/bench_memory.py runs the full size)."""
 import math
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -120,7 +122,7 @@ def test_adam_moments_in_bfloat16_follow_float32_adam():
 
 
 HOST_MEMORY = r'''
-import resource, sys
+import resource
 from dictlearn import host_memory
 
 def rss_mib():
@@ -136,12 +138,10 @@ print(kept, rss_mib())
 '''
 
 
-@pytest.mark.skipif(not __import__('sys').platform.startswith('linux'), reason='glibc only')
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc only')
 def test_freed_memory_is_kept_then_released():
   """keep_freed_memory keeps freed blocks resident (the next step reuses them);
   release_freed_memory gives them back (tools/bench_train.py between jobs)."""
-  import subprocess
-  import sys
   out = subprocess.run([sys.executable, '-c', HOST_MEMORY], capture_output=True, text=True,
                        timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
