@@ -56,6 +56,33 @@ def _dense_mask(pre, latents, tokens=None):
   return jnp.zeros_like(pre).at[rows, latents].set(1.0)
 
 
+# ---- sums over the batch ----------------------------------------------------
+
+@pytest.mark.parametrize('sharded', [False, True])
+def test_batch_sums_as_products_match_reductions(sharded):
+  """batch_sum and broadcast_rows (sums over the batch written as products)
+  against jnp.sum and broadcasting: values, gradients, sharded over a mesh."""
+  m = jax.random.normal(jax.random.key(0), (B, 64))
+  v = jax.random.normal(jax.random.key(1), (64,))
+
+  def ours(m, v):
+    return jnp.sum(jnp.sin(m + sparse.broadcast_rows(v, B)) * sparse.batch_sum(m * m))
+
+  def reference(m, v):
+    return jnp.sum(jnp.sin(m + v) * jnp.sum(m * m, axis=0))
+
+  if sharded:
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ('data', 'model'))
+    m = jax.device_put(m, NamedSharding(mesh, P('data', 'model')))
+    v = jax.device_put(v, NamedSharding(mesh, P('model')))
+  got = jax.jit(jax.value_and_grad(ours, argnums=(0, 1)))(m, v)
+  _close_all(got, jax.value_and_grad(reference, argnums=(0, 1))(m, v))
+  counts = sparse.batch_sum((m > 0).astype(jnp.float32))
+  np.testing.assert_array_equal(counts, np.sum(np.asarray(m) > 0, axis=0))
+  half = jax.grad(lambda m: jnp.sum(sparse.batch_sum(m) ** 2))(m.astype(jnp.bfloat16))
+  assert half.dtype == jnp.bfloat16
+
+
 # ---- top-k ----------------------------------------------------------------
 
 

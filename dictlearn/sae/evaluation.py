@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dictlearn.sae import sparse
 from dictlearn.sae.base import SparseAutoencoder
 
 ROWS_PER_CALL = 1024  # bounds the dense [rows, n_latents] code held at once
@@ -32,7 +33,7 @@ def _reconstruction_sums(sae: SparseAutoencoder, params, buffers, x):
       'sum_sq_x': jnp.sum(jnp.square(x), dtype=jnp.float32),
       'sum_sq_err': jnp.sum(jnp.square(x - x_hat), dtype=jnp.float32),
       'l0': jnp.sum(active, dtype=jnp.float32),
-      'fired': jnp.sum(active, axis=0, dtype=jnp.float32),
+      'fired': sparse.batch_sum(active.astype(jnp.float32)),
   }
 
 

@@ -184,11 +184,12 @@ class JumpReLUSAE(base.CapacitySAE):
   def _dense_loss(self, params, x, coefficient, dead_mask):
     """The loss by the dense formulation (AuxK over every dead latent)."""
     pre = self._preacts(params, x)
-    theta = jnp.broadcast_to(self.threshold(params), pre.shape)
+    # Its gradient sums over the batch as a product (`sparse.broadcast_rows`).
+    theta = sparse.broadcast_rows(self.threshold(params), x.shape[0])
     acts = jumprelu(pre, theta, self.bandwidth)
     x_hat = self.decode(params, acts)
     l0 = jnp.sum(step(pre, theta, self.bandwidth)) / x.shape[0]
-    fired = jnp.sum((pre > theta).astype(jnp.float32), axis=0)
+    fired = sparse.batch_sum((pre > theta).astype(jnp.float32))
     e_hat = None
     if self._with_aux(dead_mask):
       # The top aux_k dead pre-activations of each token (live latents masked;

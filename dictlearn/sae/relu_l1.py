@@ -53,8 +53,9 @@ class ReluL1SAE(base.CapacitySAE):
     del dead_mask
     acts = jax.nn.relu(self._preacts(params, x))
     x_hat = self.decode(params, acts)
-    l1 = jnp.sum(acts * _row_norms(params['W_dec'])) / x.shape[0]
-    fired = jnp.sum((acts > 0).astype(jnp.float32), axis=0)
+    # Sums over the batch as products (`sparse.batch_sum`), in both directions.
+    l1 = jnp.dot(sparse.batch_sum(acts), _row_norms(params['W_dec'])) / x.shape[0]
+    fired = sparse.batch_sum((acts > 0).astype(jnp.float32))
     return self._output(x, x_hat, l1, fired, coefficient)
 
   def _sparse_loss(self, params, x, selection, coefficient, dead_mask):

@@ -13,7 +13,8 @@ hold a batch says so, so that the caller computes that batch densely.
                 the k-th largest by bisection, a score near a rank
     rows        row gathers and scatter-adds at selected entries, in loops
     decode      sparse_decode (custom VJP), count_fired, densify
-    spec        EncoderSpec, EncoderOutput, Candidates, preactivations
+    spec        EncoderSpec, EncoderOutput, Candidates, preactivations, and
+                batch_sum / broadcast_rows (sums over the batch as products)
     per_token   the encoder matmul over tiles and blocks, selecting per token
     capacity    every positive entry as flat triples, up to a capacity
     batch       BatchTopK: from candidates, from a capacity selection, exhaustive
@@ -42,6 +43,8 @@ from dictlearn.sae.sparse.fused import topk_mse
 from dictlearn.sae.sparse.rank import score_near_rank
 from dictlearn.sae.sparse.rank import top_k_rows
 from dictlearn.sae.sparse.spec import AuxSelection
+from dictlearn.sae.sparse.spec import batch_sum
+from dictlearn.sae.sparse.spec import broadcast_rows
 from dictlearn.sae.sparse.spec import EncoderOutput
 from dictlearn.sae.sparse.spec import EncoderSpec
 from dictlearn.sae.sparse.spec import check_block_size
@@ -52,7 +55,7 @@ from dictlearn.sae.sparse.tuning import KernelTuning
 
 __all__ = [
     'AuxSelection', 'DEFAULT_TUNING', 'EncoderOutput', 'EncoderSpec', 'Kept', 'KernelTuning',
-    'Selection', 'TopKTerm', 'attach_encoder_vjp', 'batch_mse', 'batch_top', 'candidate_floor',
+    'Selection', 'TopKTerm', 'attach_encoder_vjp', 'batch_mse', 'batch_sum', 'batch_top', 'broadcast_rows', 'candidate_floor',
     'check_block_size', 'count_fired', 'densify', 'encode_select', 'encoder_grads',
     'no_aux_selection', 'preactivations', 'score_near_rank', 'select_positive', 'sparse_decode',
     'top_k_rows', 'topk_mse', 'with_encoder_vjp',

@@ -1,5 +1,6 @@
 """What an encoder selection is asked for and what it returns."""
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -102,11 +103,64 @@ class EncoderOutput(NamedTuple):
     return AuxSelection(self.aux_values, self.aux_latents)
 
 
+# Sums over the batch axis of a [B, n] matrix.
+#
+# XLA's CPU backend reduces a wide matrix over its leading axis very slowly:
+# jnp.sum(m, axis=0) of a [4096, 65536] float32 matrix takes 2.3 s on a 2-core
+# AMD EPYC (YNNPACK's reduction), and the same sums as a product with a ones
+# vector 43 ms (tools/bench_kernels.py, "column sums"). Autodiff writes such a
+# sum for the gradient of every [n] vector broadcast over the batch (b_enc, a
+# threshold, a penalty's per-latent weights), and the dense formulations count
+# fired latents with one; at 65536 latents these sums cost the ReLU family's
+# dense step as much as two of its five matrix products. So a sum over the
+# batch of a [B, n] matrix, forward or backward, is written as a product.
+
+
+@jax.custom_vjp
+def batch_sum(m):
+  """sum_b m[b, :] of a [B, n] matrix, in float32, computed as ones[B] @ m.
+
+  Precision HIGHEST: float32 products may otherwise round their inputs on
+  GPUs (TF32). The gradient broadcasts the cotangent over the batch.
+  """
+  ones = jnp.ones((m.shape[0],), m.dtype)
+  return jnp.dot(ones, m, precision=jax.lax.Precision.HIGHEST,
+                 preferred_element_type=jnp.float32)
+
+
+def _batch_sum_fwd(m):
+  return batch_sum(m), jnp.zeros((m.shape[0], 0), m.dtype)  # m's rows and dtype
+
+
+def _batch_sum_bwd(like, g):
+  return (jnp.broadcast_to(g.astype(like.dtype), (like.shape[0],) + g.shape),)
+
+
+batch_sum.defvjp(_batch_sum_fwd, _batch_sum_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def broadcast_rows(v, rows):
+  """v [n] repeated as the rows of a [rows, n] matrix; its gradient is `batch_sum`'s product."""
+  return jnp.broadcast_to(v, (rows,) + v.shape)
+
+
+def _broadcast_rows_fwd(v, rows):
+  return broadcast_rows(v, rows), jnp.zeros((0,), v.dtype)  # v's dtype
+
+
+def _broadcast_rows_bwd(rows, like, g):
+  return (batch_sum(g).astype(like.dtype),)
+
+
+broadcast_rows.defvjp(_broadcast_rows_fwd, _broadcast_rows_bwd)
+
+
 def preactivations(x, W_enc, b_enc, dtype):
   """x @ W_enc + b_enc: matmul inputs cast to `dtype`, float32 accumulation and result."""
   dtype = jnp.dtype(dtype)
   pre = jnp.dot(x.astype(dtype), W_enc.astype(dtype), preferred_element_type=jnp.float32)
-  return pre + b_enc.astype(jnp.float32)
+  return pre + broadcast_rows(b_enc.astype(jnp.float32), pre.shape[0])
 
 
 def check_block_size(n_latents, block_size, k_max, what='sae.encoder_block_size'):
