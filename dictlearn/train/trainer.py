@@ -7,6 +7,7 @@ and one global batch, and returns the next state; it is jitted once with explici
 in/out shardings and the state donated. Data position is a function of the step,
 so resuming is restoring the state and replaying the loader from its step.
 """
+import dataclasses
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ from dictlearn.data import loader as loader_lib
 from dictlearn.data import store as store_lib
 from dictlearn.data import synthetic
 from dictlearn.sae import make_sae
+from dictlearn.sae import sparse
 from dictlearn.sae.base import SparseAutoencoder
 from dictlearn.sae.evaluation import evaluate_reconstruction
 from dictlearn.train import checkpoint as ckpt_lib
@@ -110,6 +112,15 @@ def make_train_step(sae: SparseAutoencoder, tx: optax.GradientTransformation,
   return train_step
 
 
+def make_mesh_sae(config: ml_collections.ConfigDict, d_model: int, mesh) -> SparseAutoencoder:
+  """The configured SAE, its kernels tuned to `mesh`: BatchTopK sorts its kept
+  triples once per shard of the batch's rows, so that no sort crosses devices
+  (`KernelTuning.sort_row_blocks`)."""
+  shards = sharding_lib.axis_size(mesh, config.mesh.logical_axis_rules, 'batch')
+  return make_sae(config.sae, d_model,
+                  dataclasses.replace(sparse.DEFAULT_TUNING, sort_row_blocks=shards))
+
+
 def jit_train_step(sae: SparseAutoencoder, tx: optax.GradientTransformation,
                    config: ml_collections.ConfigDict, mesh, shardings: dict):
   """The step jitted once with the state's shardings in and out, the batch's, and the
@@ -124,7 +135,7 @@ def compiled_step_memory(config: ml_collections.ConfigDict, d_model: int, mesh) 
   allocated) and returns XLA's memory analysis of one device, in bytes:
   arguments, outputs, aliased (donated), temporaries, and `peak` = arguments +
   outputs - aliased + temporaries."""
-  sae = make_sae(config.sae, d_model)
+  sae = make_mesh_sae(config, d_model, mesh)
   tx = schedules.make_optimizer(config.optim, config.train.num_steps)
   abstract, shardings = state_lib.state_shardings(sae, tx, config.seed, mesh,
                                                   config.mesh.logical_axis_rules)
@@ -329,7 +340,7 @@ def open_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
   if run_info is None:
     scale = loader_lib.normalization_scale(reader) if config.data.normalize else 1.0
     run_info = ckpt_lib.run_record(store_path, workdir, d_model=reader.d_model, data_scale=scale)
-  sae = make_sae(config.sae, reader.d_model)
+  sae = make_mesh_sae(config, reader.d_model, mesh)
   tx = schedules.make_optimizer(config.optim, config.train.num_steps)
   abstract, shardings = state_lib.state_shardings(sae, tx, config.seed, mesh,
                                                   config.mesh.logical_axis_rules)

@@ -52,6 +52,13 @@ class KernelTuning:
     aux_dense_max_latents: above this many latents AuxK always uses the
       encoder's (blocked) selection: the dense path's gathered [B, cap]
       pre-activations and whole-dictionary gradients would cost gigabytes.
+    sort_row_blocks: `batch_mse` (BatchTopK) reorders its flat triples by
+      latent before the decode and the gradient scatter-adds, each of this
+      many blocks of rows on its own. Sorted, the updates of one [n, d]
+      accumulator row come one after another while the row is in the cache;
+      in selection order each lands on a random row of a table larger than the
+      cache. Set it to the number of devices the batch's rows are split over
+      (the trainer does), so that no sort crosses devices.
   """
   topk_group_range: tuple[int, int] = (8, 128)
   topk_min_groups_per_k: int = 4
@@ -65,6 +72,7 @@ class KernelTuning:
   capacity_group_rows: int = 64
   aux_dense_fraction: int = 8
   aux_dense_max_latents: int = 1 << 17
+  sort_row_blocks: int = 1
 
 
 DEFAULT_TUNING = KernelTuning()
