@@ -43,10 +43,10 @@ from dictlearn.sae.sparse.fused import topk_mse
 from dictlearn.sae.sparse.rank import score_near_rank
 from dictlearn.sae.sparse.rank import top_k_rows
 from dictlearn.sae.sparse.spec import AuxSelection
-from dictlearn.sae.sparse.spec import batch_sum
-from dictlearn.sae.sparse.spec import broadcast_rows
 from dictlearn.sae.sparse.spec import EncoderOutput
 from dictlearn.sae.sparse.spec import EncoderSpec
+from dictlearn.sae.sparse.spec import batch_sum
+from dictlearn.sae.sparse.spec import broadcast_rows
 from dictlearn.sae.sparse.spec import check_block_size
 from dictlearn.sae.sparse.spec import no_aux_selection
 from dictlearn.sae.sparse.spec import preactivations
@@ -55,8 +55,8 @@ from dictlearn.sae.sparse.tuning import KernelTuning
 
 __all__ = [
     'AuxSelection', 'DEFAULT_TUNING', 'EncoderOutput', 'EncoderSpec', 'Kept', 'KernelTuning',
-    'Selection', 'TopKTerm', 'attach_encoder_vjp', 'batch_mse', 'batch_sum', 'batch_top', 'broadcast_rows', 'candidate_floor',
-    'check_block_size', 'count_fired', 'densify', 'encode_select', 'encoder_grads',
-    'no_aux_selection', 'preactivations', 'score_near_rank', 'select_positive', 'sparse_decode',
-    'top_k_rows', 'topk_mse', 'with_encoder_vjp',
+    'Selection', 'TopKTerm', 'attach_encoder_vjp', 'batch_mse', 'batch_sum', 'batch_top',
+    'broadcast_rows', 'candidate_floor', 'check_block_size', 'count_fired', 'densify',
+    'encode_select', 'encoder_grads', 'no_aux_selection', 'preactivations', 'score_near_rank',
+    'select_positive', 'sparse_decode', 'top_k_rows', 'topk_mse', 'with_encoder_vjp',
 ]

@@ -112,7 +112,7 @@ class EncoderOutput(NamedTuple):
 # sum for the gradient of every [n] vector broadcast over the batch (b_enc, a
 # threshold, a penalty's per-latent weights), and the dense formulations count
 # fired latents with one; at 65536 latents these sums cost the ReLU family's
-# dense step as much as two of its five matrix products. So a sum over the
+# dense step more than two of its five matrix products. So a sum over the
 # batch of a [B, n] matrix, forward or backward, is written as a product.
 
 
