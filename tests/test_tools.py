@@ -1,8 +1,11 @@
 """The inspection tools and the evaluation command, run as a user runs them."""
+import argparse
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from dictlearn.train.trainer import train_and_evaluate
 from experiments import tiny
@@ -79,3 +82,25 @@ def test_profile_step_attributes_the_step_to_primitives():
   bad = subprocess.run([sys.executable, 'tools/profile_step.py', '--shape', '576by16'], cwd=REPO,
                        capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and '--shape must be DxN' in bad.stderr
+
+
+def test_bench_harvest_times_whole_batches(smollm2, tmp_path):
+  """tools/bench_harvest.py sets each harvest's token budget to the rows of exactly N
+  full batches: the harvest then forwards N batches, with no partly used last one
+  (which would count a forward's time for a fraction of its rows)."""
+  sys.path.insert(0, os.path.join(REPO, 'tools'))
+  try:
+    import bench_harvest  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.pop(0)
+  from dictlearn import harvest as harvest_lib  # pylint: disable=import-outside-toplevel
+  args = argparse.Namespace(batch=2, context=32, deep_site='blocks.0.hook_resid_post',
+                            dtype='float32')
+  one, three = (bench_harvest.whole_batch_budget(smollm2, args, n) for n in (1, 3))
+  assert 0 < one < three <= 3 * 2 * (32 - 1)
+  for budget, contexts in ((three, 6), (three + 1, 7)):
+    config = bench_harvest._config(args, args.deep_site, budget)  # pylint: disable=protected-access
+    summary = harvest_lib.harvest(config, str(tmp_path / str(budget)), model=smollm2)
+    assert (summary['n_tokens'], summary['n_contexts']) == (budget, contexts)
+  with pytest.raises(SystemExit, match='the built-in corpus has'):
+    bench_harvest.whole_batch_budget(smollm2, args, 10 ** 6)

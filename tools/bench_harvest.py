@@ -3,10 +3,15 @@
     .venv/bin/python tools/bench_harvest.py [--batch 8] [--context 256] [--batches 4] [--rounds 3]
 
 dictlearn: `harvest()` over the built-in corpus (packing, tokenizing, forward, store
-writes and the final flush; the figure is the loop's own tokens/s from the
-summary, compile excluded by a warm-up harvest), once reading a deep site
-(`--deep_site`, stopping after its block) and once at full depth
-(`blocks.{n-1}.hook_resid_post`, all blocks). transformers: the peers venv
+writes and the final flush; the loop's own time from the summary, compile excluded
+by a warm-up harvest), once reading a deep site (`--deep_site`, stopping after its
+block) and once at full depth (`blocks.{n-1}.hook_resid_post`, all blocks). Each
+timed harvest's token budget is the row count of exactly `--batches` full batches of
+contexts, so that it runs that many forwards and no partly used one. Two figures:
+rows/s (the summary's tokens_per_s: store rows, BOS positions left out) and
+tokens/s forwarded (batches x batch x context over the same seconds), the unit
+transformers is timed in; the ratios use the second, since both sides then process
+the same contexts, and a harvester built on transformers would drop the same BOS rows. transformers: the peers venv
 (`.peers/bin/python`: torch + transformers + gguf) loads the GGUF that
 `dictlearn.fetch` cached, as /work/shared/bench/peers/hf_forward.py does, and times
 the base model's forward with `output_hidden_states=True` (no lm_head: a harvester
@@ -30,6 +35,7 @@ import jax.numpy as jnp
 from dictlearn import cli
 from dictlearn import fetch
 from dictlearn import harvest as harvest_lib
+from dictlearn.data import corpus as corpus_lib
 from dictlearn.lm import gguf
 harvest_smollm2 = cli.experiment('harvest_smollm2')
 
@@ -70,20 +76,54 @@ print(json.dumps({"full": full, "deep": cut, "threads": torch.get_num_threads(),
 '''
 
 
-def run_dictlearn(model, site, args, workdir):
-  """Harvest-loop tokens/s reading `site` (a warm-up harvest compiles first)."""
-  rates = []
+def _config(args, site, budget):
+  config = harvest_smollm2.get_config()
+  with config.unlocked():
+    config.update(sites=(site,), context_length=args.context, batch_size=args.batch,
+                  corpus='builtin', progress=False, dtype=args.dtype, token_budget=budget)
+  return config
+
+
+def whole_batch_budget(model, args, n_batches):
+  """Store rows of the first `n_batches` full batches of packed contexts.
+
+  A harvest with this token budget forwards exactly `n_batches` batches.
+
+  Raises:
+    SystemExit: the built-in corpus holds fewer contexts than that.
+  """
+  tokenizer = model[2]
+  config = _config(args, args.deep_site, -1)
+  contexts = corpus_lib.pack_contexts(corpus_lib.Corpus('builtin'), tokenizer.encode_batch,
+                                      tokenizer.bos_id, args.context)
+  rows, n = 0, 0
+  for context in contexts:
+    if context.length < args.context:
+      break  # the corpus's last, partly filled context
+    rows += int(context.row_mask(config.exclude_bos).sum())
+    n += 1
+    if n == n_batches * args.batch:
+      return rows
+  raise SystemExit(f'--batches {n_batches} x --batch {args.batch} needs {n_batches * args.batch} '
+                   f'full contexts of {args.context} tokens; the built-in corpus has {n}')
+
+
+def run_dictlearn(model, site, args, workdir, budgets):
+  """(rows/s, tokens forwarded/s) of the harvest loop reading `site`.
+
+  A warm-up harvest of one batch compiles first; the medians are over `--repeats`.
+  """
+  rows, forwarded = [], []
   for i in range(1 + args.repeats):
-    config = harvest_smollm2.get_config()
-    with config.unlocked():
-      config.update(sites=(site,), context_length=args.context, batch_size=args.batch,
-                    corpus='builtin', progress=False, dtype=args.dtype,
-                    token_budget=(1 if i == 0 else args.batches) * args.batch * (args.context - 1))
-    out = tempfile.mkdtemp(dir=workdir)
-    summary = harvest_lib.harvest(config, out, model=model)
+    n_batches = 1 if i == 0 else args.batches
+    config = _config(args, site, budgets[n_batches])
+    summary = harvest_lib.harvest(config, tempfile.mkdtemp(dir=workdir), model=model)
+    if summary['n_tokens'] != budgets[n_batches]:
+      raise RuntimeError(f'harvest wrote {summary["n_tokens"]} rows, expected {budgets[n_batches]}')
     if i:
-      rates.append(summary['tokens_per_s'])
-  return statistics.median(rates)
+      rows.append(summary['tokens_per_s'])
+      forwarded.append(n_batches * args.batch * args.context / summary['seconds'])
+  return statistics.median(rows), statistics.median(forwarded)
 
 
 def run_transformers(args, deep_layer):
@@ -124,14 +164,19 @@ def main():
         f'{args.batches} batches per timed harvest, {args.dtype}')
   peers = os.path.exists(PEERS_PYTHON) and not args.no_peers
   cases = {'deep': args.deep_site, 'full': full_site}
-  ours, theirs = [], []
+  budgets = {n: whole_batch_budget(model, args, n) for n in (1, args.batches)}
+  print(f'each timed harvest: {args.batches} forwards of {args.batch} x {args.context} tokens, '
+        f'{budgets[args.batches]} store rows (BOS positions left out)')
+  ours, rows, theirs = [], [], []
   with tempfile.TemporaryDirectory() as workdir:
     for r in range(args.rounds if peers else 1):
-      figures = {name: run_dictlearn(model, site, args, workdir) for name, site in cases.items()}
-      ours.append(figures)
+      figures = {name: run_dictlearn(model, site, args, workdir, budgets)
+                 for name, site in cases.items()}
+      rows.append({name: f[0] for name, f in figures.items()})
+      ours.append({name: f[1] for name, f in figures.items()})
       for name, site in cases.items():
         print(f'[round {r}, load {os.getloadavg()[0]:.1f}] dictlearn harvest {site}: '
-              f'{figures[name]:.0f} tok/s')
+              f'{figures[name][1]:.0f} tok/s forwarded, {figures[name][0]:.0f} rows/s')
       if peers:
         hf = run_transformers(args, deep_layer)
         if hf:
@@ -141,7 +186,8 @@ def main():
                 f'full {hf["full"]:.0f} tok/s, cut after block {deep_layer} {hf["deep"]:.0f} tok/s')
   print('--- medians over rounds ---')
   for name, site in cases.items():
-    print(f'dictlearn harvest {site}: {statistics.median(f[name] for f in ours):.0f} tok/s')
+    print(f'dictlearn harvest {site}: {statistics.median(f[name] for f in ours):.0f} tok/s '
+          f'forwarded, {statistics.median(f[name] for f in rows):.0f} rows/s')
   if not theirs:
     print(f'(no transformers reference: {PEERS_PYTHON} missing or failed)')
     return
