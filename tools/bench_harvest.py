@@ -11,14 +11,15 @@ contexts, so that it runs that many forwards and no partly used one. Two figures
 rows/s (the summary's tokens_per_s: store rows, BOS positions left out) and
 tokens/s forwarded (batches x batch x context over the same seconds), the unit
 transformers is timed in; the ratios use the second, since both sides then process
-the same contexts, and a harvester built on transformers would drop the same BOS rows. transformers: the peers venv
-(`.peers/bin/python`: torch + transformers + gguf) loads the GGUF that
-`dictlearn.fetch` cached, as /work/shared/bench/peers/hf_forward.py does, and times
-the base model's forward with `output_hidden_states=True` (no lm_head: a harvester
-needs no logits) at the same batch x context and dtype (`--dtype`); it also times
-the base model cut to the deep site's depth, the fairest peer of dictlearn's early
-stop. The two run alternately, `--rounds`
-times, and the ratios are per round (the machine may be shared) with their median.
+the same contexts, and a harvester built on transformers would drop the same BOS
+rows. transformers: the peers venv (`.peers/bin/python`: torch + transformers +
+gguf) loads the GGUF that `dictlearn.fetch` cached, as
+/work/shared/bench/peers/hf_forward.py does, and times the base model's forward
+with `output_hidden_states=True` (no lm_head: a harvester needs no logits) at the
+same batch x context and dtype (`--dtype`); it also times the base model cut to the
+deep site's depth, the fairest peer of dictlearn's early stop. The two run
+alternately, `--rounds` times, and the ratios are per round (the machine may be
+shared) with their median.
 Prints figures; it is not a test.
 """
 import json
@@ -93,14 +94,14 @@ def whole_batch_budget(model, args, n_batches):
     SystemExit: the built-in corpus holds fewer contexts than that.
   """
   tokenizer = model[2]
-  config = _config(args, args.deep_site, -1)
+  exclude_bos = harvest_smollm2.get_config().exclude_bos
   contexts = corpus_lib.pack_contexts(corpus_lib.Corpus('builtin'), tokenizer.encode_batch,
                                       tokenizer.bos_id, args.context)
   rows, n = 0, 0
   for context in contexts:
     if context.length < args.context:
       break  # the corpus's last, partly filled context
-    rows += int(context.row_mask(config.exclude_bos).sum())
+    rows += int(context.row_mask(exclude_bos).sum())
     n += 1
     if n == n_batches * args.batch:
       return rows
@@ -189,7 +190,8 @@ def main():
     print(f'dictlearn harvest {site}: {statistics.median(f[name] for f in ours):.0f} tok/s '
           f'forwarded, {statistics.median(f[name] for f in rows):.0f} rows/s')
   if not theirs:
-    print(f'(no transformers reference: {PEERS_PYTHON} missing or failed)')
+    print('(transformers skipped: --no_peers)' if args.no_peers else
+          f'(no transformers reference: {PEERS_PYTHON} missing or failed)')
     return
   print(f'transformers full forward: {statistics.median(h["full"] for h in theirs):.0f} tok/s; '
         f'cut after block {deep_layer}: {statistics.median(h["deep"] for h in theirs):.0f} tok/s')
