@@ -171,14 +171,31 @@ def damage(step_dir, kind):
     shutil.rmtree(step_dir)
     os.makedirs(step_dir)
   elif kind == 'flipped bytes':
-    # One bit in the middle of the file holding the arrays' chunks: on one device they
-    # are stored where neither orbax nor TensorStore checks them (the OCDBT index and
-    # small values inlined in it carry checksums of their own: DATA_LOSS).
-    files = glob.glob(os.path.join(step_dir, 'state', 'ocdbt.process_0', 'd', '*'))
-    path = max(files, key=os.path.getsize)
-    data = bytearray(open(path, 'rb').read())
-    data[len(data) // 2] ^= 0x04
+    flip_a_bit_no_storage_layer_notices(step_dir)
+
+
+def flip_a_bit_no_storage_layer_notices(step_dir):
+  """Flips one bit of the file holding the arrays' chunks where orbax and TensorStore
+  read the changed values without an error, so that only the recorded checksums can
+  catch it (the OCDBT index and small values inlined in it carry checksums of their
+  own, DATA_LOSS). The chunks are zstd-compressed: a flipped bit may break the stream,
+  which zstd reports, or decode to other values. Which array lies where in the file
+  varies with the order of the asynchronous writes, so the bit is searched for."""
+  files = glob.glob(os.path.join(step_dir, 'state', 'ocdbt.process_0', 'd', '*'))
+  path = max(files, key=os.path.getsize)
+  original = open(path, 'rb').read()
+  checkpoints, step = os.path.dirname(step_dir), int(os.path.basename(step_dir))
+  for i in range(64):
+    data = bytearray(original)
+    data[(len(data) // 2 + 97 * i) % len(data)] ^= 0x04
     open(path, 'wb').write(bytes(data))
+    try:
+      ckpt_lib.restore_arrays(checkpoints, step)
+    except ckpt_lib.CorruptCheckpointError:
+      return  # read without complaint, and the values differ from the saved ones
+    except Exception:  # pylint: disable=broad-except
+      pass  # a storage layer noticed this one (zstd, a checksum of OCDBT's own)
+  raise AssertionError(f'no bit of {path} flipped unnoticed by the storage layers in 64 tries')
 
 
 REASONS = {'truncated data file': 'OUT_OF_RANGE', 'deleted manifest.ocdbt': 'NOT_FOUND',
