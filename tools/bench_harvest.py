@@ -94,14 +94,15 @@ def whole_batch_budget(model, args, n_batches):
     SystemExit: the built-in corpus holds fewer contexts than that.
   """
   tokenizer = model[2]
-  exclude_bos = harvest_smollm2.get_config().exclude_bos
-  contexts = corpus_lib.pack_contexts(corpus_lib.Corpus('builtin'), tokenizer.encode_batch,
-                                      tokenizer.bos_id, args.context)
+  config = _config(args, args.deep_site, -1)  # the corpus and packing each harvest uses
+  corpus = corpus_lib.Corpus(config.corpus, jsonl_field=config.jsonl_field)
+  contexts = corpus_lib.pack_contexts(corpus, tokenizer.encode_batch, tokenizer.bos_id,
+                                      config.context_length)
   rows, n = 0, 0
   for context in contexts:
-    if context.length < args.context:
+    if context.length < config.context_length:
       break  # the corpus's last, partly filled context
-    rows += int(context.row_mask(exclude_bos).sum())
+    rows += int(context.row_mask(config.exclude_bos).sum())
     n += 1
     if n == n_batches * args.batch:
       return rows

@@ -1,9 +1,10 @@
 """The tuning constants of the sparse kernels, in one typed place.
 
 None of these changes a result beyond the order in which floats are summed:
-every path they choose between is exact. They trade memory for speed and set where a loop replaces a vectorised op. Tests
-pass a `KernelTuning` with small values to exercise the tiled, looped and
-merged paths on small problems (`dataclasses.replace(DEFAULT_TUNING, ...)`).
+every path they choose between is exact. They trade memory for speed and set
+where a loop replaces a vectorised op. Tests pass a `KernelTuning` with small
+values to exercise the tiled, looped and merged paths on small problems
+(`dataclasses.replace(DEFAULT_TUNING, ...)`).
 """
 import dataclasses
 
