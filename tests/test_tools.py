@@ -72,8 +72,10 @@ def test_every_tool_loads_as_a_script_from_another_directory(tmp_path):
 def test_profile_step_attributes_the_step_to_primitives():
   """tools/profile_step.py reads XLA's trace back: the encoder product, the top-k
   (a custom call with a tuple result) and the sparse scatter-adds each get time."""
-  text = run(['tools/profile_step.py', '--arch', 'topk', '--shape', '16x1024', '--batch', '256',
-              '--k', '4', '--steps', '2', '--top', '50'])
+  # Big enough that each scatter-add (2 x 4096 rows of 64 floats) takes some microseconds:
+  # at 16x1024, batch 256, k 4 one rounded to 0.00 ms in a CI run.
+  text = run(['tools/profile_step.py', '--arch', 'topk', '--shape', '64x2048', '--batch', '512',
+              '--k', '8', '--steps', '2', '--top', '50'])
   assert 'ms per step untraced' in text and 'busy' in text
   table = text.split('primitive')[1].split('XLA op')[0].strip().splitlines()[1:]
   primitives = {name.strip(): float(ms) for name, ms in (line.rsplit(None, 1) for line in table)}
