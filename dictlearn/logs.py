@@ -17,6 +17,7 @@ only warnings and errors, each marked with its process.
 import logging
 import os
 import sys
+import traceback
 from typing import Optional
 
 STAGE_LOGGER = 'dictlearn.stage'
@@ -30,6 +31,28 @@ def stage(message: str, *args) -> None:
   logging.getLogger(STAGE_LOGGER).info(message, *args)
 
 
+def _from_orbax(record: logging.LogRecord) -> bool:
+  """Whether an error record comes from orbax: logged by orbax's code, or asyncio's
+  'exception was never retrieved' for one of orbax's tasks or futures. A task's message
+  names its coroutine's file; a future's (asyncio.gather's) names only the exception,
+  so the exception's traceback is searched too."""
+  orbax = f'{os.sep}orbax{os.sep}'
+  if orbax in (record.pathname or ''):
+    return True
+  if record.name != 'asyncio':
+    return False
+  if orbax in record.getMessage():
+    return True
+  error = record.exc_info[1] if record.exc_info else None
+  seen = []
+  while error is not None and error not in seen:  # the exception and what it wraps
+    seen.append(error)
+    if any(orbax in frame.filename for frame in traceback.extract_tb(error.__traceback__)):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
 class _ConsoleFilter(logging.Filter):
   """Stage lines, dictlearn's warnings (and the root logger's) and everyone's errors."""
 
@@ -38,9 +61,7 @@ class _ConsoleFilter(logging.Filter):
       # orbax logs what fails in its threads (a full disk: dozens of records, and
       # asyncio's 'Task exception was never retrieved' for its tasks), then raises it to
       # dictlearn, which reports it once: these records stay in the log file.
-      orbax = f'{os.sep}orbax{os.sep}'
-      return orbax not in (record.pathname or '') and not (
-          record.name == 'asyncio' and orbax in record.getMessage())
+      return not _from_orbax(record)
     if record.name == STAGE_LOGGER:
       return record.levelno >= logging.INFO
     return record.levelno >= logging.WARNING and (record.name == 'root'

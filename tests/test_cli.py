@@ -4,6 +4,9 @@ Also the portable run records: a workdir moved with its data still resumes and
 evaluates, from another current directory.
 """
 import argparse
+import asyncio
+import gc
+import importlib.util
 import json
 import os
 import shutil
@@ -104,6 +107,50 @@ def test_internal_errors_name_their_type_and_the_log(tmp_path, capsys):
   assert err.strip() == f'error: internal error (TypeError: a bug) (traceback in {path})'
   assert 'Traceback' in (tmp_path / 'log.txt').read_text()
   logs.setup(None)  # the console handler only, as before
+
+
+FAILING_COROUTINE = """
+async def write():
+  raise ValueError("RESOURCE_EXHAUSTED: Error writing manifest.ocdbt: No space left on device")
+"""
+
+
+def _gather_never_retrieved(path):
+  """asyncio's 'exception was never retrieved' for an asyncio.gather future whose
+  coroutine, defined in the file `path`, failed: what orbax's writes leave when a save
+  fails on a full disk (the future's message names only the exception)."""
+  spec = importlib.util.spec_from_file_location('failing_writes', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+
+  async def save():
+    future = asyncio.gather(module.write())
+    await asyncio.sleep(0.01)
+    del future  # failed, its exception never asked for: asyncio logs it when it goes
+
+  loop = asyncio.new_event_loop()
+  try:
+    loop.run_until_complete(save())
+  finally:
+    loop.close()
+  gc.collect()
+
+
+def test_orbax_gather_failure_stays_in_the_log_file(tmp_path, capsys):
+  """A failed save is reported once, by dictlearn: asyncio's record for orbax's failed
+  gather goes to the log file only; the same record for anyone else's code is shown."""
+  for package in ('orbax', 'other'):
+    os.makedirs(tmp_path / package)
+    (tmp_path / package / 'writes.py').write_text(FAILING_COROUTINE)
+  path = logs.setup(str(tmp_path / 'logs'))
+  try:
+    _gather_never_retrieved(str(tmp_path / 'orbax' / 'writes.py'))
+    assert capsys.readouterr().err == ''
+    assert '_GatheringFuture exception was never retrieved' in open(path).read()
+    _gather_never_retrieved(str(tmp_path / 'other' / 'writes.py'))
+    assert 'error: _GatheringFuture exception was never retrieved' in capsys.readouterr().err
+  finally:
+    logs.setup(None)  # the console handler only, as before
 
 
 def test_as_flags_turns_parsed_arguments_back_into_a_command_line():
