@@ -31,6 +31,16 @@ def stage(message: str, *args) -> None:
   logging.getLogger(STAGE_LOGGER).info(message, *args)
 
 
+def exception_chain(error: Optional[BaseException]) -> list:
+  """`error` and the exceptions it wraps (each one's `__cause__`, else its
+  `__context__`), outermost first, each once."""
+  chain = []
+  while error is not None and error not in chain:
+    chain.append(error)
+    error = error.__cause__ or error.__context__
+  return chain
+
+
 def _from_orbax(record: logging.LogRecord) -> bool:
   """Whether an error record comes from orbax: logged by orbax's code, or asyncio's
   'exception was never retrieved' for one of orbax's tasks or futures. A task's message
@@ -43,14 +53,9 @@ def _from_orbax(record: logging.LogRecord) -> bool:
     return False
   if orbax in record.getMessage():
     return True
-  error = record.exc_info[1] if record.exc_info else None
-  seen = []
-  while error is not None and error not in seen:  # the exception and what it wraps
-    seen.append(error)
-    if any(orbax in frame.filename for frame in traceback.extract_tb(error.__traceback__)):
-      return True
-    error = error.__cause__ or error.__context__
-  return False
+  return any(orbax in frame.filename
+             for error in exception_chain(record.exc_info[1] if record.exc_info else None)
+             for frame in traceback.extract_tb(error.__traceback__))
 
 
 class _ConsoleFilter(logging.Filter):

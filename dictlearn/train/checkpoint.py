@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dictlearn import logs
 from dictlearn.train import state as state_lib
 
 log = logging.getLogger(__name__)
@@ -190,13 +191,8 @@ def close(manager: ocp.CheckpointManager) -> None:
 
 def _root_cause(error: BaseException) -> BaseException:
   """The OSError under a chain of wrapped exceptions, if any, else the last one."""
-  seen, current = [], error
-  while current is not None and current not in seen:
-    seen.append(current)
-    if isinstance(current, OSError) and current.errno:
-      return current
-    current = current.__cause__ or current.__context__
-  return seen[-1]
+  chain = logs.exception_chain(error)
+  return next((e for e in chain if isinstance(e, OSError) and e.errno), chain[-1])
 
 
 def _save_error(manager, step, error) -> CheckpointSaveError:
@@ -561,14 +557,11 @@ def damage_reason(manager: ocp.CheckpointManager, step: int, error: BaseExceptio
   directory = os.path.join(str(manager.directory), str(step))
   if '://' not in directory and os.path.isdir(directory) and not os.listdir(directory):
     return 'its step directory is empty'
-  seen, cause = [], error
-  while cause is not None and cause not in seen:
-    seen.append(cause)
-    cause = cause.__cause__ or cause.__context__
-  text = str(seen[-1])
+  cause = logs.exception_chain(error)[-1]
+  text = str(cause)
   for noise in (' [tensorstore_spec=', ' See full TensorStore details'):
     text = text.split(noise)[0]
-  return _one_line(type(seen[-1]).__name__, text, 300)
+  return _one_line(type(cause).__name__, text, 300)
 
 
 def move_aside(manager: ocp.CheckpointManager, step: int) -> str:
