@@ -31,7 +31,7 @@ def stage(message: str, *args) -> None:
   logging.getLogger(STAGE_LOGGER).info(message, *args)
 
 
-def exception_chain(error: Optional[BaseException]) -> list:
+def exception_chain(error: Optional[BaseException]) -> list[BaseException]:
   """`error` and the exceptions it wraps (each one's `__cause__`, else its
   `__context__`), outermost first, each once."""
   chain = []
